@@ -1,0 +1,157 @@
+"""The run config: one section per concern, every field typed, documented and bounded.
+
+Loaded once at the edge (`hpcalign.config.load`), written to `RUN_DIR/config.yaml`, and
+trusted everywhere inside.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hpcalign.config.base import Section
+from hpcalign.config.slurm import SlurmConfig
+
+
+class ModelInit(Section):
+    """Shape of the tiny model `hpcalign init-model` builds when `model.path` is missing."""
+
+    arch: Literal["qwen2", "llama"] = Field("qwen2", description="HF architecture.")
+    hidden: int = Field(128, ge=8, description="Hidden size.")
+    layers: int = Field(2, ge=1, description="Decoder layers.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    kv_heads: int = Field(4, ge=1, description="Key/value heads (GQA); divides heads.")
+    intermediate: int = Field(512, ge=8, description="MLP intermediate size.")
+    tie_embeddings: bool = Field(True, description="Share input embedding and output head.")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+
+class ModelConfig(Section):
+    """The policy (and frozen reference) as an HF-format causal LM directory."""
+
+    path: str = Field(..., description="HF model dir: config.json, safetensors, tokenizer.json.")
+    init: ModelInit | None = Field(
+        None, description="If set and `path` holds no model, build a tiny one there first."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype.")
+
+
+class TaskConfig(Section):
+    """The prompts and the rule-based reward."""
+
+    name: str = Field("reverse", description="Built-in task (reverse, add) or 'jsonl'.")
+    prompts: str | None = Field(None, description="JSONL file of {prompt, answer} for 'jsonl'.")
+    reward: str | None = Field(
+        None, description="Reward function 'module:function'; default: the task's own."
+    )
+    min_len: int = Field(3, ge=1, description="Shortest generated problem (reverse: letters).")
+    max_len: int = Field(6, ge=1, description="Longest generated problem.")
+    num_prompts: int = Field(100000, ge=1, description="Size of the generated prompt set.")
+    eval_prompts: int = Field(128, ge=0, description="Held-out prompts for greedy evaluation.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TaskConfig:
+        if self.max_len < self.min_len:
+            raise ValueError(f"task.max_len={self.max_len} must be >= task.min_len={self.min_len}")
+        return self
+
+
+class GeneratorConfig(Section):
+    """Generator ranks: sample completions, score them, publish one shard per rank and step."""
+
+    backend: Literal["torch", "vllm"] = Field("torch", description="Sampling engine.")
+    ranks: int = Field(1, ge=1, description="Generator processes (MPI ranks).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per step over all generators.")
+    samples_per_prompt: int = Field(8, ge=1, description="Completions per prompt (group size).")
+    max_new_tokens: int = Field(8, ge=1, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    threads: int = Field(0, ge=0, description="torch threads per rank (0: cores / ranks).")
+
+    @model_validator(mode="after")
+    def _divides(self) -> GeneratorConfig:
+        if self.prompts_per_step % self.ranks:
+            raise ValueError(
+                f"generator.prompts_per_step={self.prompts_per_step} must be a multiple of "
+                f"generator.ranks={self.ranks} (each generator takes whole prompt groups)"
+            )
+        return self
+
+
+class TrainerConfig(Section):
+    """Trainer ranks: GRPO update of the policy against a frozen reference."""
+
+    backend: Literal["torch", "megatron"] = Field("torch", description="Training engine.")
+    ranks: int = Field(1, ge=1, description="Trainer processes (data parallel).")
+    steps: int = Field(300, ge=1, description="GRPO steps (one policy update each).")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0: off).")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    kl_coef: float = Field(0.03, ge=0, description="Weight of the k3 KL to the reference.")
+    micro_batch: int = Field(0, ge=0, description="Samples per forward (0: all at once).")
+    sft_warmup_steps: int = Field(0, ge=0, description="Supervised warm-up steps before GRPO.")
+    sft_lr: float = Field(1e-3, gt=0, description="Warm-up learning rate.")
+    sft_batch: int = Field(64, ge=1, description="Warm-up batch size.")
+    threads: int = Field(0, ge=0, description="torch threads per rank (0: cores / ranks).")
+
+
+class SyncConfig(Section):
+    """Weight sync from trainers to generators, and how far generators may run ahead."""
+
+    bucket_mb: float = Field(64, gt=0, description="Coalesced broadcast bucket size in MB.")
+    max_staleness: int = Field(
+        0, ge=0, description="Policy versions a rollout may lag (0: strictly on-policy)."
+    )
+
+
+class CheckpointConfig(Section):
+    """Periodic and on-signal checkpoints under RUN_DIR/checkpoints/step-N/."""
+
+    every_steps: int = Field(50, ge=0, description="Checkpoint period in steps (0: only on signal/end).")
+    keep: int = Field(2, ge=1, description="Newest checkpoints to keep.")
+
+
+class CommConfig(Section):
+    """Control plane (MPI) and data plane (torch.distributed) settings."""
+
+    timeout_s: float = Field(300, gt=0, description="Longest wait for any peer before failing.")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Weight-sync backend (auto: nccl with GPUs, else gloo)."
+    )
+
+
+class LauncherConfig(Section):
+    """How `hpcalign run` starts the roles on this machine."""
+
+    mpiexec: str = Field("mpiexec", description="mpiexec of the MPI that mpi4py was built with.")
+    mpiexec_args: list[str] = Field(default_factory=list, description="Extra mpiexec arguments.")
+
+
+class LogConfig(Section):
+    """What a user sees."""
+
+    progress: bool = Field(True, description="Progress bar on the terminal.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to RUN_DIR/tb.")
+    eval_every_steps: int = Field(0, ge=0, description="Greedy held-out eval period (0: off).")
+
+
+class Config(Section):
+    """A whole run: what `hpcalign run` and `hpcalign submit` take."""
+
+    run_dir: str = Field(..., description="Run directory on the shared filesystem.")
+    seed: int = Field(1234, description="Seed of prompts, sampling and initialisation.")
+    algorithm: Literal["grpo"] = Field("grpo", description="Alignment algorithm.")
+    model: ModelConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
