@@ -1,0 +1,18 @@
+"""`hpcalign run CONFIG [key=value ...]`: the whole job on this machine, no Slurm needed."""
+
+from __future__ import annotations
+
+import argparse
+
+from hpcalign.config.load import load_config
+from hpcalign.launch.local import run_local
+
+HELP = "run a job on this machine (MPMD mpiexec); resumes an existing RUN_DIR"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hpcalign run", description=HELP)
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-5")
+    args = parser.parse_args(argv)
+    return run_local(load_config(args.config, args.overrides))

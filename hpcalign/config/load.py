@@ -1,0 +1,105 @@
+"""YAML + `key=value` overrides → a checked `Config`; the one place configs are validated.
+
+Errors name the key, the value and what was expected, with a "did you mean" for unknown
+keys, and are raised as `ConfigError` so the CLI prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError
+
+from hpcalign.config.schema import Config
+from hpcalign.errors import ConfigError
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path`, apply `key=value` overrides (OmegaConf dotlist), validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        base = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. trainer.lr=1e-5)")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err.__class__.__name__}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return config_from_dict(data, source=path)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict (already merged) into a `Config`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, data, source)) from None
+
+
+def _describe(err: ValidationError, data: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid value(s)"]
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc) or "<top>"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_did_you_mean(loc)}")
+        elif kind == "missing":
+            lines.append(f"  {key}: required key is missing ({_field_help(loc)})")
+        else:
+            value = item.get("input")
+            msg = item["msg"].removeprefix("Value error, ")
+            help_text = _field_help(loc)
+            expected = f"; expected: {help_text}" if help_text else ""
+            lines.append(f"  {key}={value!r}: {msg}{expected}")
+    return "\n".join(lines)
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the last element of `loc`."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model = _model_at(loc)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    prefix = ".".join(loc[:-1])
+    if close:
+        return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
+    return f" (known keys: {', '.join(model.model_fields)})"
+
+
+def _field_help(loc: list[str]) -> str:
+    model = _model_at(loc)
+    field = model.model_fields.get(loc[-1]) if model is not None else None
+    return (field.description or "") if field is not None else ""
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, exactly what ran (written to RUN_DIR/config.yaml)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

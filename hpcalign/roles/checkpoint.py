@@ -1,0 +1,144 @@
+"""Checkpoints: model, optimizer, RNG, data position and policy version — complete or absent.
+
+Layout of `RUN_DIR/checkpoints/step-000050/` (50 = the next step to train):
+  model/                 HF format (config.json, model.safetensors, tokenizer), so any
+                         checkpoint feeds `hpcalign rollout`, vLLM or a converter as is
+  optimizer.safetensors  every tensor of the optimizer state, by flattened key
+  optimizer.json         the rest of the optimizer state (param groups, scalars)
+  rng.safetensors        torch's CPU RNG state
+  state.json             step, policy_version, next generation step, seed, format
+No pickles: `torch.load` never runs on a checkpoint. A checkpoint is written to a temp
+directory and renamed, so a killed job leaves either the whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
+
+
+def _split_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested structure by a reference into `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_split_state(k, f"{prefix}.k{i}", tensors),
+                              _split_state(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        kind = "__list__" if isinstance(obj, list) else "__tuple__"
+        return {kind: [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix} without pickling")
+
+
+def _join_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_join_state(k, tensors): _join_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_join_state(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_join_state(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
+def save_state_dict(state: dict[str, Any], tensors_path: str, json_path: str) -> None:
+    """A nested state dict as safetensors (tensors) + JSON (structure and scalars)."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _split_state(state, "s", tensors)
+    save_file(tensors, tensors_path)
+    with open(json_path, "w") as handle:
+        json.dump(structure, handle)
+
+
+def load_state_dict(tensors_path: str, json_path: str) -> dict[str, Any]:
+    with open(json_path) as handle:
+        structure = json.load(handle)
+    return _join_state(structure, load_file(tensors_path))
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def save_checkpoint(run_dir: str, step: int, model: Any, tokenizer: Any,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> str:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, mode=0o700)
+    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"),
+                    os.path.join(tmp, "optimizer.json"))
+    save_file({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as handle:
+        json.dump({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, handle, indent=2)
+    _fsync_tree(tmp)
+    if os.path.exists(final):  # a re-run of the same step after a crash: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str) -> list[int]:
+    """Steps of complete checkpoints, oldest first (temp dirs never match)."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = _STEP_DIR.match(name)
+        if match and os.path.isfile(os.path.join(root, name, "state.json")):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def _prune(run_dir: str, keep: int) -> None:
+    root = os.path.join(run_dir, "checkpoints")
+    for step in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
+    for name in os.listdir(root):
+        if ".tmp-" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG in place; returns the checkpoint's state.json."""
+    path = checkpoint_dir(run_dir, step)
+    weights = load_file(os.path.join(path, "model", "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    if unexpected or any(key not in tied and "lm_head" not in key for key in missing):
+        raise RuntimeError(f"{path}: checkpoint does not match the model "
+                           f"(missing {missing}, unexpected {unexpected})")
+    optimizer.load_state_dict(load_state_dict(os.path.join(path, "optimizer.safetensors"),
+                                              os.path.join(path, "optimizer.json")))
+    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
+    with open(os.path.join(path, "state.json")) as handle:
+        return json.load(handle)

@@ -1,0 +1,103 @@
+"""Generator role: sample the prompts of each step, score them, publish one HDF5 shard.
+
+Step k is sampled with policy version max(0, k - max_staleness) exactly — never a fresher
+one that happened to arrive early — so a run is reproducible bitwise whatever the timing,
+and a resumed run samples what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD
+from hpcalign.comm.weights import WeightBroadcaster
+from hpcalign.data.shards import Ragged, RolloutBatch, shard_path, write_shard
+from hpcalign.data.tasks import make_task, prompts_for_step
+from hpcalign.models.hf import load_model
+from hpcalign.models.sampler import sample
+from hpcalign.roles.context import RoleContext, shard_seed
+
+log = logging.getLogger(__name__)
+
+
+class Generator:
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.index = ctx.rank - ctx.placement.generator.first_rank
+        self.model, self.tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
+        self.model.requires_grad_(False)
+        self.task = make_task(self.cfg.task, self.cfg.seed)
+        self.receiver = WeightBroadcaster(list(self.model.parameters()), self.cfg.sync.bucket_mb,
+                                          src=0, group=ctx.sync_group)
+        self.version = -1
+        self.bos = self.tokenizer.convert_tokens_to_ids("<bos>")
+
+    def _next_control(self, what: str) -> dict:
+        message = self.ctx.control.recv(0, TAG_CONTROL, what)
+        if message["kind"] == "sync":
+            self.receiver.broadcast()
+            self.version = int(message["version"])
+        return message
+
+    def run(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        ctx.install_stop_handlers()  # the trainers decide when to stop; the signal is noted
+        first = self._next_control("the initial weights")
+        next_step = int(first["generation_next_step"])
+        staleness = cfg.sync.max_staleness
+        for step in range(next_step, cfg.trainer.steps):
+            need = max(0, step - staleness)
+            while self.version < need:
+                if self._next_control(f"policy version {need}")["kind"] == "stop":
+                    return
+            self._publish(step)
+        while self._next_control("the end of the run")["kind"] != "stop":
+            pass
+
+    def _publish(self, step: int) -> None:
+        cfg, gen = self.cfg, self.cfg.generator
+        start = time.perf_counter()
+        per_rank = gen.prompts_per_step // gen.ranks
+        indices = prompts_for_step(self.task, step, gen.prompts_per_step, cfg.seed)
+        mine = np.asarray(indices[self.index * per_rank:(self.index + 1) * per_rank], np.int64)
+        prompt_ids = np.repeat(mine, gen.samples_per_prompt)
+        prompts = {int(i): [self.bos, *self.tokenizer.encode(self.task.prompt(int(i)),
+                                                             add_special_tokens=False)]
+                   for i in mine}
+        expanded = [prompts[int(i)] for i in prompt_ids]
+        seed = shard_seed(cfg.seed, step, self.index)
+        out = sample(self.model, expanded, max_new_tokens=gen.max_new_tokens,
+                     temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                     generator=torch.Generator().manual_seed(seed))
+        time_sample = time.perf_counter() - start
+        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        rewards = np.array([self.task.reward(int(i), text) for i, text in zip(prompt_ids, texts)],
+                           np.float32)
+        batch = RolloutBatch(
+            step=step, policy_version=self.version, generator_rank=self.index,
+            prompt_ids=prompt_ids,
+            prompt_tokens=Ragged.from_list(expanded, np.int32),
+            completion_tokens=Ragged.from_list(out.tokens, np.int32),
+            logprobs=Ragged.from_list(out.logprobs, np.float32),
+            rewards=rewards, seeds=np.full(len(prompt_ids), seed, np.int64),
+            finished=np.asarray(out.finished, bool),
+            attrs={"task": self.task.name, "time_sample_s": time_sample},
+        )
+        info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
+        elapsed = time.perf_counter() - start
+        announcement = {"step": step, "generator": self.index, "path": info.path,
+                        "checksum": info.checksum, "size_bytes": info.size_bytes,
+                        "policy_version": self.version, "samples": len(batch),
+                        "time_generate_s": elapsed, "time_sample_s": time_sample,
+                        "pid": os.getpid()}
+        for trainer in self.ctx.placement.trainer.world_ranks():
+            self.ctx.control.send(announcement, dest=trainer, tag=TAG_SHARD)
+        log.info("step %d: published %s (version %d, %.2f s)", step, info.path, self.version,
+                 elapsed)

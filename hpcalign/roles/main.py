@@ -1,0 +1,117 @@
+"""Rank entry: `python -m hpcalign.roles.main [--role trainer|generator] RUN_DIR`.
+
+Every launcher starts exactly this — local `mpiexec` (MPMD), the `srun --mpi=pmix` MPMD
+step of a heterogeneous Slurm job, or submitit — so local and Slurm runs differ only in
+the launcher. The world holds the trainers first, then the generators (plan.json).
+A failing rank writes RUN_DIR/errors/rank-N.json, prints one line naming itself, and
+aborts the MPI world, so a dead role never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+
+
+def _setup_logging(run_dir: str, rank: int) -> None:
+    os.makedirs(os.path.join(run_dir, "logs"), mode=0o700, exist_ok=True)
+    logging.basicConfig(
+        filename=os.path.join(run_dir, "logs", f"rank-{rank}.log"),
+        level=logging.INFO,
+        format="%(asctime)s rank" + str(rank) + " %(name)s %(levelname)s %(message)s",
+    )
+
+
+def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> None:
+    record = {"rank": rank, "role": who, "host": socket.gethostname(),
+              "error": f"{type(err).__name__}: {err}", "time": time.time(),
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "component": os.environ.get("SLURM_HET_JOB_ID_OFFSET") or os.environ.get(
+                  "SLURM_PACK_GROUP")}
+    try:
+        os.makedirs(os.path.join(run_dir, "errors"), mode=0o700, exist_ok=True)
+        path = os.path.join(run_dir, "errors", f"rank-{rank}.json")
+        with open(path + ".tmp", "w") as handle:
+            json.dump(record, handle)
+        os.replace(path + ".tmp", path)
+        logging.getLogger(__name__).error("%s failed:\n%s", who, traceback.format_exc())
+    except OSError:
+        pass
+    print(f"hpcalign: {who} on {record['host']} failed: {record['error']}", file=sys.stderr,
+          flush=True)
+
+
+def run(run_dir: str, role: str | None = None) -> int:
+    """Run this process's rank of the run in `run_dir`; returns the exit status."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    run_dir = os.path.abspath(run_dir)
+    _setup_logging(run_dir, rank)
+    who = f"world rank {rank}"
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from hpcalign.comm.control import Control
+        from hpcalign.comm.weights import init_distributed
+        from hpcalign.launch.rundir import read_run_config
+        from hpcalign.plan.placement import compute_placement
+        from hpcalign.roles.context import RoleContext
+
+        cfg = read_run_config(run_dir)
+        placement = compute_placement(cfg)
+        if comm.Get_size() != placement.world_size:
+            raise RuntimeError(f"the MPI world has {comm.Get_size()} ranks but the plan needs "
+                               f"{placement.world_size} (trainer.ranks={cfg.trainer.ranks} + "
+                               f"generator.ranks={cfg.generator.ranks}): check the launcher")
+        who = placement.describe_rank(rank)
+        expected = placement.role_of(rank)
+        if role is not None and role != expected:
+            raise RuntimeError(f"started as {role} but the plan puts a {expected} at rank {rank}")
+        threads = (placement.trainer if expected == "trainer" else placement.generator).threads
+        torch.set_num_threads(threads)
+        control = Control(comm, cfg.comm.timeout_s, placement.describe_rank)
+        init_distributed(control, run_dir, cfg.comm.dist_backend, cfg.comm.timeout_s)
+        # every rank creates every group, in the same order (torch.distributed's rule)
+        sync_group = dist.new_group([0, *placement.generator.world_ranks()])
+        trainer_group = dist.new_group(placement.trainer.world_ranks())
+        ctx = RoleContext(cfg=cfg, run_dir=run_dir, placement=placement, control=control,
+                          rank=rank, sync_group=sync_group, trainer_group=trainer_group)
+        logging.getLogger(__name__).info("%s ready on %s (%d threads)", who,
+                                         socket.gethostname(), threads)
+        if expected == "trainer":
+            from hpcalign.roles.trainer import Trainer
+
+            Trainer(ctx).run()
+        else:
+            from hpcalign.roles.generator import Generator
+
+            Generator(ctx).run()
+        control.flush()
+        dist.destroy_process_group()
+        return 0
+    except BaseException as err:  # noqa: BLE001 - every failure must take the world down
+        _record_failure(run_dir, rank, who, err)
+        sys.stderr.flush()
+        comm.Abort(1)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpcalign.roles.main")
+    parser.add_argument("--role", choices=("trainer", "generator"), default=None)
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    return run(args.run_dir, args.role)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

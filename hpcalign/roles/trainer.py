@@ -1,0 +1,349 @@
+"""Trainer role: read each step's shards, update the policy with GRPO, publish weights.
+
+Order of one step k: wait for the shards of step k (announced over MPI, or already on
+disk after a resume) → advantages over whole prompt groups → reference log-probs →
+clipped policy loss + k3 KL → AdamW → broadcast version k+1 to generators → checkpoint
+when due. A checkpoint at step c is only written once the shards of steps < c +
+max_staleness are on disk, so a resumed generator never has to re-sample with a policy
+version that no longer exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hpcalign.algorithms.grpo import group_advantages, grpo_loss, kl_k3, sft_loss
+from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD
+from hpcalign.comm.weights import WeightBroadcaster, allreduce_gradients
+from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
+from hpcalign.data.tasks import make_task, prompts_for_step
+from hpcalign.errors import ShardError
+from hpcalign.launch.rundir import atomic_write_text
+from hpcalign.metrics import MetricsWriter
+from hpcalign.models.hf import load_model, save_model
+from hpcalign.models.logprobs import pack_sequences, token_logprobs
+from hpcalign.models.sampler import sample
+from hpcalign.roles.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from hpcalign.roles.context import RoleContext, restart_count
+
+log = logging.getLogger(__name__)
+
+SFT_SEED_OFFSET = 0x5F7  # the warm-up's prompt stream is independent of GRPO's
+
+
+class Trainer:
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.index = ctx.rank  # trainers are world ranks 0..T-1
+        self.is_leader = ctx.rank == 0
+        self.task = make_task(self.cfg.task, self.cfg.seed)
+        self.announced: dict[int, dict[int, dict[str, Any]]] = {}
+        self.generators = ctx.placement.generator.world_ranks()
+
+    # ----------------------------------------------------------------- setup
+    def _reference_dir(self) -> str:
+        """The frozen reference = the policy GRPO starts from (after the SFT warm-up)."""
+        if self.cfg.trainer.sft_warmup_steps == 0:
+            return self.cfg.model.path
+        path = os.path.join(self.ctx.run_dir, "sft")
+        if not os.path.isdir(path):
+            self._sft_warmup(path)
+        return path
+
+    def _sft_warmup(self, out_dir: str) -> None:
+        """Short supervised warm-up on the task's answers; deterministic, saved once."""
+        tcfg = self.cfg.trainer
+        model, tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.sft_lr)
+        bos = tokenizer.convert_tokens_to_ids("<bos>")
+        for step in range(tcfg.sft_warmup_steps):
+            indices = prompts_for_step(self.task, step, tcfg.sft_batch,
+                                       self.cfg.seed + SFT_SEED_OFFSET)
+            prompts = [[bos, *tokenizer.encode(self.task.prompt(int(i)), add_special_tokens=False)]
+                       for i in indices]
+            answers = [[*tokenizer.encode(self.task.answer(int(i)), add_special_tokens=False),
+                        tokenizer.eos_token_id] for i in indices]
+            batch = pack_sequences(prompts, answers, tokenizer.pad_token_id)
+            logp, _ = token_logprobs(model, batch)
+            loss = sft_loss(logp, batch["completion_mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        log.info("SFT warm-up: %d steps, final loss %.4f", tcfg.sft_warmup_steps, float(loss))
+        if self.is_leader:
+            tmp = f"{out_dir}.tmp-{os.getpid()}"
+            save_model(model, tokenizer, tmp)
+            os.replace(tmp, out_dir)
+        else:  # other data-parallel trainers wait for the leader's copy (bounded)
+            deadline = time.monotonic() + self.cfg.comm.timeout_s
+            while not os.path.isdir(out_dir) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        ref_dir = self._reference_dir()
+        self.policy, self.tokenizer = load_model(ref_dir, cfg.model.dtype)
+        self.reference, _ = load_model(ref_dir, cfg.model.dtype)
+        self.reference.requires_grad_(False)
+        self.policy.train()
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.trainer.lr,
+                                           betas=tuple(cfg.trainer.betas),
+                                           weight_decay=cfg.trainer.weight_decay)
+        self.start_step, self.version = 0, 0
+        self.generation_next_step = 0
+        steps = list_checkpoints(self.ctx.run_dir)
+        if steps:
+            state = load_checkpoint(self.ctx.run_dir, steps[-1], self.policy, self.optimizer)
+            self.start_step = int(state["step"])
+            self.version = int(state["policy_version"])
+            self.generation_next_step = int(state["generation_next_step"])
+            log.info("resumed from checkpoint step %d", self.start_step)
+        self.broadcaster = WeightBroadcaster(list(self.policy.parameters()), cfg.sync.bucket_mb,
+                                             src=0, group=self.ctx.sync_group)
+        self.metrics = MetricsWriter(self.ctx.run_dir, cfg.log.tensorboard) if self.is_leader else None
+
+    # ------------------------------------------------------------ weight sync
+    def _sync(self, version: int, extra: dict[str, Any] | None = None) -> float:
+        """Tell every generator 'version v is ready', then broadcast it. Returns seconds."""
+        start = time.perf_counter()
+        if self.is_leader:
+            for rank in self.generators:
+                self.ctx.control.send({"kind": "sync", "version": version, **(extra or {})},
+                                      dest=rank, tag=TAG_CONTROL)
+            self.broadcaster.broadcast()
+        return time.perf_counter() - start
+
+    def _stop_generators(self) -> None:
+        if self.is_leader:
+            for rank in self.generators:
+                self.ctx.control.send({"kind": "stop"}, dest=rank, tag=TAG_CONTROL)
+
+    # ------------------------------------------------------------ rollouts
+    def _wait_announced(self, step: int) -> dict[int, dict[str, Any]]:
+        """Announcements of every generator for `step` (earlier ones are buffered)."""
+        control = self.ctx.control
+        while len(self.announced.get(step, {})) < len(self.generators):
+            missing = [r for r in self.generators
+                       if r - self.generators[0] not in self.announced.get(step, {})]
+            message = control.recv(missing[0], TAG_SHARD, f"the shard of step {step}")
+            self.announced.setdefault(message["step"], {})[message["generator"]] = message
+        return self.announced[step]
+
+    def _read_step(self, step: int) -> tuple[list[RolloutBatch], float]:
+        if step < self.generation_next_step:  # published before the last checkpoint
+            batches = [read_shard(shard_path(self.ctx.run_dir, step, g))
+                       for g in range(len(self.generators))]
+            return batches, 0.0
+        infos = self._wait_announced(step)
+        del self.announced[step]
+        batches = [read_shard(infos[g]["path"], expected_checksum=infos[g]["checksum"])
+                   for g in sorted(infos)]
+        return batches, max(info["time_generate_s"] for info in infos.values())
+
+    def _check_staleness(self, step: int, batch: RolloutBatch, path: str) -> None:
+        lag = step - batch.policy_version
+        if batch.step != step or not 0 <= lag <= self.cfg.sync.max_staleness:
+            raise ShardError(path, f"sampled for step {batch.step} with policy version "
+                                   f"{batch.policy_version}; training step {step} accepts versions "
+                                   f"{step - self.cfg.sync.max_staleness}..{step} "
+                                   f"(sync.max_staleness={self.cfg.sync.max_staleness})")
+
+    # ------------------------------------------------------------ update
+    def _update(self, step: int, batches: list[RolloutBatch]) -> dict[str, float]:
+        tcfg = self.cfg.trainer
+        for g, batch in enumerate(batches):
+            self._check_staleness(step, batch, shard_path(self.ctx.run_dir, step, g))
+        prompt_ids = np.concatenate([b.prompt_ids for b in batches])
+        rewards = torch.from_numpy(np.concatenate([b.rewards for b in batches]))
+        prompts = [p for b in batches for p in b.prompt_tokens.to_list()]
+        completions = [c for b in batches for c in b.completion_tokens.to_list()]
+        old = [lp for b in batches for lp in b.logprobs.to_list()]
+        advantages = group_advantages(rewards, torch.from_numpy(prompt_ids))
+        lengths = np.array([len(c) for c in completions])
+        token_count = float(max(1, lengths.sum()))
+        # data parallel: each trainer takes a contiguous slice of the whole batch
+        mine = np.array_split(np.arange(len(completions)), self.ctx.placement.trainer.ranks)[self.index]
+        micro = tcfg.micro_batch or max(1, len(mine))
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+        for first in range(0, len(mine), micro):
+            rows = mine[first:first + micro]
+            batch = pack_sequences([prompts[i] for i in rows], [completions[i] for i in rows],
+                                   self.tokenizer.pad_token_id)
+            mask = batch["completion_mask"]
+            old_logp = torch.zeros(mask.shape, dtype=torch.float32)
+            for row, i in enumerate(rows):
+                start = len(prompts[i])
+                old_logp[row, start:start + len(old[i])] = torch.from_numpy(old[i].astype(np.float32))
+            with torch.no_grad():
+                ref_logp, _ = token_logprobs(self.reference, batch, self.cfg.generator.temperature)
+            logp, entropy = token_logprobs(self.policy, batch, self.cfg.generator.temperature,
+                                           with_entropy=True)
+            loss, parts = grpo_loss(logp, old_logp, ref_logp, advantages[rows], mask,
+                                    clip_eps=tcfg.clip_eps, kl_coef=tcfg.kl_coef,
+                                    token_count=token_count)
+            loss.backward()
+            with torch.no_grad():
+                fmask = mask.to(logp.dtype)
+                totals["loss"] += float(loss)
+                totals["kl"] += float((kl_k3(logp, ref_logp) * fmask).sum()) / token_count
+                totals["entropy"] += float((entropy * fmask).sum()) / token_count
+                ntok = float(fmask.sum())
+                totals["pg_loss"] += parts.get("pg_loss", 0.0) * ntok / token_count
+                totals["clip_frac"] += parts.get("clip_frac", 0.0) * ntok / token_count
+        if self.ctx.placement.trainer.ranks > 1:
+            allreduce_gradients(self.params, self.ctx.trainer_group)
+            summed = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
+            dist.all_reduce(summed, group=self.ctx.trainer_group)
+            totals = dict(zip(sorted(totals), summed.tolist()))
+        grad_norm = float("nan")
+        if tcfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip))
+        self.optimizer.step()
+        versions = np.array([b.policy_version for b in batches])
+        finished = np.concatenate([b.finished for b in batches])
+        return {
+            **totals,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "reward_max": float(rewards.max()),
+            "response_len_mean": float(lengths.mean()),
+            "response_len_max": float(lengths.max()),
+            "finished_frac": float(finished.mean()),
+            "grad_norm": grad_norm,
+            "staleness_mean": float((step - versions).mean()),
+            "samples": float(len(completions)),
+        }
+
+    # ------------------------------------------------------------ eval
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Greedy decoding on held-out prompts: exact-match rate and mean reward."""
+        indices = list(self.task.eval_indices())
+        if not indices:
+            return {}
+        bos = self.tokenizer.convert_tokens_to_ids("<bos>")
+        prompts = [[bos, *self.tokenizer.encode(self.task.prompt(i), add_special_tokens=False)]
+                   for i in indices]
+        self.policy.eval()
+        out = sample(self.policy, prompts, max_new_tokens=self.cfg.generator.max_new_tokens,
+                     temperature=1.0, top_k=1, eos_id=self.tokenizer.eos_token_id,
+                     pad_id=self.tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+        self.policy.train()
+        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        rewards = [self.task.reward(i, t) for i, t in zip(indices, texts)]
+        exact = [t == self.task.answer(i) for i, t in zip(indices, texts)]
+        return {"eval_reward": float(np.mean(rewards)), "eval_exact": float(np.mean(exact))}
+
+    # ------------------------------------------------------------ loop
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.ctx.stop_signal else 0.0])
+        if self.ctx.placement.trainer.ranks > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.trainer_group)
+        return bool(flag.item())
+
+    def _write_state(self, state: str, step: int, **extra: Any) -> None:
+        if self.is_leader:
+            import json
+
+            body = {"state": state, "step": step, "policy_version": self.version,
+                    "steps": self.cfg.trainer.steps, "restart_count": restart_count(),
+                    "time": time.time(), **extra}
+            atomic_write_text(os.path.join(self.ctx.run_dir, "state.json"), json.dumps(body) + "\n")
+
+    def _checkpoint(self, step: int) -> None:
+        if self.is_leader:
+            staleness = self.cfg.sync.max_staleness
+            save_checkpoint(self.ctx.run_dir, step, self.policy, self.tokenizer, self.optimizer,
+                            {"step": step, "policy_version": self.version,
+                             "generation_next_step": min(step + staleness, self.cfg.trainer.steps),
+                             "seed": self.cfg.seed}, keep=self.cfg.checkpoint.keep)
+
+    def run(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        ctx.install_stop_handlers()
+        self._setup()
+        steps, staleness = cfg.trainer.steps, cfg.sync.max_staleness
+        self._write_state("running", self.start_step)
+        if self.start_step >= steps:
+            self._stop_generators()
+            self._write_state("done", steps)
+            return
+        self._sync(self.version, {"generation_next_step": max(self.generation_next_step,
+                                                              self.start_step)})
+        self.generation_next_step = max(self.generation_next_step, self.start_step)
+        progress = self._progress()
+        last = time.perf_counter()
+        for step in range(self.start_step, steps):
+            wait_start = time.perf_counter()
+            batches, time_generate = self._read_step(step)
+            train_start = time.perf_counter()
+            metrics = self._update(step, batches)
+            self.version = step + 1
+            time_train = time.perf_counter() - train_start
+            stop = self._stop_requested()
+            time_sync = 0.0
+            if not stop and self.version + staleness < steps:
+                time_sync = self._sync(self.version)
+            done = step + 1 == steps
+            if stop:
+                self._stop_generators()
+            every = cfg.checkpoint.every_steps
+            if stop or done or (every and (step + 1) % every == 0):
+                # shards of steps < c + staleness must be on disk before checkpoint c
+                for pending in range(step + 1, min(step + 1 + staleness, steps)):
+                    if pending >= self.generation_next_step:
+                        self._wait_announced(pending)
+                self._checkpoint(step + 1)
+            now = time.perf_counter()
+            metrics.update({
+                "policy_version": float(self.version),
+                "time_wait_s": train_start - wait_start,
+                "time_generate_s": time_generate,
+                "time_train_s": time_train,
+                "time_sync_s": time_sync,
+                "time_step_s": now - last,
+                "samples_per_s": metrics["samples"] / max(now - last, 1e-9),
+                "restart_count": float(restart_count()),
+            })
+            last = now
+            every_eval = cfg.log.eval_every_steps
+            if self.is_leader and (done or (every_eval and (step + 1) % every_eval == 0)):
+                metrics.update(self._evaluate())
+            if self.metrics is not None:
+                self.metrics.write(step, metrics)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                     kl=f"{metrics['kl']:.4f}",
+                                     sps=f"{metrics['samples_per_s']:.0f}")
+            if stop:
+                log.info("stop requested (signal %s): checkpointed step %d", ctx.stop_signal, step + 1)
+                self._write_state("preempted", step + 1, signal=ctx.stop_signal[-1])
+                break
+        else:
+            self._stop_generators()
+            self._write_state("done", steps)
+        if progress is not None:
+            progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _progress(self) -> Any:
+        if not (self.is_leader and self.cfg.log.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.trainer.steps, initial=self.start_step, unit="step",
+                    desc="grpo", dynamic_ncols=True, mininterval=0.5,
+                    disable=None if not os.environ.get("HPCALIGN_FORCE_PROGRESS") else False)
