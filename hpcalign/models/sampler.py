@@ -1,0 +1,146 @@
+"""Batched KV-cache sampling of completions from an HF causal LM (the torch generator backend).
+
+All prompts go through the model at once: prompts of different lengths are left-padded, with
+an attention mask and position ids that make every row see exactly its own prompt, so a
+prompt's completion does not depend on what else is in the batch (up to float rounding).
+Each step feeds one new token per row through the HF KV cache (`DynamicCache`).
+
+Rows that emitted `<eos>` stay in the batch (fed `<pad>`, results ignored) rather than
+being cut out of the cache: re-indexing every layer's cache each step costs more than the
+few wasted rows at these sizes. The loop stops as soon as every row has finished.
+
+Log-probs: `SampleOutput.logprobs` holds log-softmax(logits / temperature) of each sampled
+token, i.e. under the temperature-scaled policy BEFORE top-k / top-p truncation. That is the
+distribution `hpcalign.models.logprobs.token_logprobs` recomputes in the trainer, so with
+top_k = 0 and top_p = 1 the PPO ratio starts at exactly 1; with truncation the recorded
+value is the policy's own log-prob of the token, not the truncated sampler's.
+
+All randomness comes from the `generator` argument (`torch.multinomial(..., generator=...)`):
+the same generator state and inputs give bitwise-identical outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class SampleOutput:
+    """Completions of one `sample` call, one entry per prompt, in prompt order."""
+
+    tokens: list[list[int]]
+    """Completion ids per sequence (EOS included when emitted; nothing after it)."""
+    logprobs: list[list[float]]
+    """Log-prob of each sampled token under the temperature-scaled, untruncated policy."""
+    finished: list[bool]
+    """True if the sequence emitted EOS within `max_new_tokens`."""
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """`logits` [B, V] with tokens outside the top-k / nucleus set to -inf (in place)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # keep a token while the mass strictly before it is < top_p (the top one is always kept)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits.masked_fill_(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> SampleOutput:
+    """Sample up to `max_new_tokens` tokens after each prompt (prompts include any `<bos>`)."""
+    if not prompts:
+        return SampleOutput(tokens=[], logprobs=[], finished=[])
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. <bos>)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    prompt_len = int(lengths.max())
+    total_len = prompt_len + max_new_tokens
+
+    # Left-padded prompts [B, P] and one attention mask [B, P + N] allocated once; step t
+    # passes a view of its first P + t columns (generated positions are always attended).
+    input_ids = torch.full((batch, prompt_len), pad_id, dtype=torch.long)
+    attention_mask = torch.ones((batch, total_len), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        pad = prompt_len - len(prompt)
+        input_ids[row, pad:] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, :pad] = 0
+    position_ids = (attention_mask[:, :prompt_len].cumsum(-1) - 1).clamp_(min=0)
+    input_ids, attention_mask, position_ids = (
+        t.to(device) for t in (input_ids, attention_mask, position_ids)
+    )
+    next_position = lengths.to(device).unsqueeze(1)  # [B, 1] position of the next token
+
+    out_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = DynamicCache()
+
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask[:, :prompt_len],
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1, :]
+    steps = 0
+    for step in range(max_new_tokens):
+        scaled = logits.float() / temperature
+        logp_all = torch.log_softmax(scaled, dim=-1)  # [B, V] untruncated policy
+        if top_k > 0 or top_p < 1.0:
+            probs = torch.softmax(_truncate(scaled, top_k, top_p), dim=-1)
+        else:
+            probs = logp_all.exp()
+        token = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+        token.masked_fill_(finished.unsqueeze(1), pad_id)
+        out_tokens[:, step : step + 1] = token
+        out_logprobs[:, step : step + 1] = logp_all.gather(-1, token)
+        finished |= token.squeeze(1) == eos_id
+        steps = step + 1
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        logits = model(
+            input_ids=token,
+            attention_mask=attention_mask[:, : prompt_len + step + 1],
+            position_ids=next_position + step,
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1, :]
+
+    tokens_list = out_tokens[:, :steps].tolist()
+    logprobs_list = out_logprobs[:, :steps].tolist()
+    result = SampleOutput(tokens=[], logprobs=[], finished=finished.tolist())
+    for row in range(batch):
+        row_tokens, row_logprobs = tokens_list[row], logprobs_list[row]
+        if result.finished[row]:
+            end = row_tokens.index(eos_id) + 1
+            row_tokens, row_logprobs = row_tokens[:end], row_logprobs[:end]
+        result.tokens.append(row_tokens)
+        result.logprobs.append(row_logprobs)
+    return result
