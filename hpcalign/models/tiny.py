@@ -71,21 +71,35 @@ def build_model(init: ModelInit, vocab_size: int) -> torch.nn.Module:
     return model.eval()
 
 
-def init_model(out_dir: str, init: ModelInit, symbols: str = DEFAULT_SYMBOLS) -> None:
+def init_model(
+    out_dir: str, init: ModelInit, symbols: str = DEFAULT_SYMBOLS, *, overwrite: bool = False
+) -> None:
     """Write a tiny model + char tokenizer to `out_dir` (mode 0700) atomically.
 
-    `out_dir` must not exist yet (callers decide about overwriting; see `init-model --force`).
+    An existing non-empty `out_dir` is an error unless `overwrite`; then the old directory
+    is replaced only after the new one is complete.
     """
+    out_dir = os.path.abspath(out_dir)
+    exists = os.path.lexists(out_dir)
+    if exists and not overwrite and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} already exists and is not an empty directory")
     tokenizer = build_char_tokenizer(symbols)
     model = build_model(init, len(tokenizer))
-    out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         os.chmod(tmp_dir, 0o700)
         save_model(model, tokenizer, tmp_dir)
-        os.rename(tmp_dir, out_dir)
+        if exists and overwrite:
+            # NOTE: move the old dir aside first (rename cannot replace a non-empty dir), so a
+            # complete model sits at out_dir at every moment except between the two renames.
+            old_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old_dir, "model"))
+            os.rename(tmp_dir, out_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, out_dir)  # atomic; also replaces an empty directory
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
