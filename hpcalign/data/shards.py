@@ -1,0 +1,597 @@
+"""Rollout shards: one HDF5 file per (step, generator rank) on the shared filesystem.
+
+A generator rank writes the samples it produced for one step with `write_shard`, then
+announces `(path, size_bytes, checksum, policy_version)` to the trainer over MPI; the
+trainer opens that exact path with `read_shard`. Files carry the data, MPI carries control
+(see `shared/FACTS.md`, "HDF5 shards on a shared filesystem").
+
+Why the care: a shard lives on NFS or Lustre and is read on another node. A reader must
+never see a half-written file (write to a temp name, fsync, atomic rename, fsync the
+directory), must not depend on file locks (NFS/Lustre flock is missing or slow), and must
+refuse — loudly, naming the file — anything truncated, corrupted or of another format
+version. Every such failure raises `hpcalign.errors.ShardError`.
+
+The on-disk format is documented and versioned in `docs/shard-format.md`; change both
+together and bump `SHARD_FORMAT_VERSION` when the layout changes.
+
+    from hpcalign.data.shards import shard_path, write_shard, read_shard
+    info = write_shard(shard_path(run_dir, step, rank), batch)
+    batch = read_shard(info.path, expected_checksum=info.checksum)
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from hpcalign.errors import ShardError
+
+SHARD_FORMAT = "hpcalign-rollout"
+SHARD_FORMAT_VERSION = 1
+
+# Target bytes per HDF5 chunk of the flat token / log-prob datasets. Chunks this large cost
+# nothing measurable against a contiguous layout (tools/bench/shard_io.py) and allow
+# compression; smaller ones add B-tree and per-chunk overhead for no gain, since readers
+# always read a dataset whole.
+CHUNK_BYTES = 4 << 20
+
+# The checksum hashes datasets in pieces of this size, on up to HASH_THREADS threads.
+# NOTE: part of the checksum definition: changing HASH_PIECE_BYTES is a format version bump.
+HASH_PIECE_BYTES = 4 << 20
+HASH_THREADS = 8
+
+# In memory, token ids are int32 (what torch indexes with; no vocabulary is near 2**31).
+# On disk: uint16 when every id in the shard fits (vocab <= 65536, half the bytes), else
+# int32 like in memory. NOTE: not uint32: that would cost a conversion copy on both write
+# and read for nothing, since ids >= 2**31 are refused anyway.
+TOKEN_DTYPE = np.dtype(np.int32)
+_DISK_TOKEN_DTYPES = (np.dtype("<u2"), np.dtype("<i4"))
+
+# (name, on-disk dtype or None for "one of _DISK_TOKEN_DTYPES", length: "N", "N+1", "P", "C").
+# NOTE: this order is the checksum order; changing it is a format version bump.
+_DATASETS: tuple[tuple[str, np.dtype | None, str], ...] = (
+    ("prompt_ids", np.dtype("<i8"), "N"),
+    ("prompt_offsets", np.dtype("<i8"), "N+1"),
+    ("prompt_tokens", None, "P"),
+    ("completion_offsets", np.dtype("<i8"), "N+1"),
+    ("completion_tokens", None, "C"),
+    ("logprobs", np.dtype("<f4"), "C"),
+    ("rewards", np.dtype("<f4"), "N"),
+    ("seeds", np.dtype("<i8"), "N"),
+    ("finished", np.dtype("u1"), "N"),
+)
+_INT_ATTRS = ("step", "policy_version", "generator_rank", "num_samples")
+# Attributes covered by the checksum, in checksum order.
+_CHECKSUM_ATTRS = ("format", "format_version", *_INT_ATTRS, "attrs_json")
+_CHECKSUM_ALGORITHM = "blake2b-256"
+
+
+@dataclass
+class Ragged:
+    """Ragged sequences as one flat array plus int64 offsets (len N+1, offsets[0] == 0).
+
+    Sequence i is `flat[offsets[i]:offsets[i+1]]`. This is the on-disk layout too: one
+    contiguous dataset per field instead of N small ones, so I/O is a few large reads.
+    """
+
+    flat: np.ndarray
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.flat = np.asarray(self.flat)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        if self.flat.ndim != 1:
+            raise ValueError(f"Ragged: flat must be 1-D, got shape {self.flat.shape}")
+        problem = _offsets_problem(self.offsets, len(self.flat))
+        if problem:
+            raise ValueError(f"Ragged: {problem}")
+
+    @classmethod
+    def from_list(
+        cls, seqs: Sequence[Sequence[int | float]] | Sequence[np.ndarray], dtype: npt.DTypeLike
+    ) -> Ragged:
+        arrays = [np.asarray(s, dtype=dtype).reshape(-1) for s in seqs]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+        return cls(flat=flat.astype(dtype, copy=False), offsets=offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"Ragged index {i} out of range for {n} sequences")
+        i %= n
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def to_list(self) -> list[np.ndarray]:
+        return [self[i] for i in range(len(self))]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class RolloutBatch:
+    """N samples produced by one generator rank for one step.
+
+    Tokens are int32 in memory (uint16 or int32 on disk, see `docs/shard-format.md`).
+    `logprobs` are the generator's per-token log-probs, aligned 1:1 with
+    `completion_tokens` (same offsets).
+    """
+
+    step: int
+    policy_version: int
+    generator_rank: int
+    prompt_ids: np.ndarray  # int64 [N], index of the prompt in the task (a group shares it)
+    prompt_tokens: Ragged  # int32 token ids, N sequences
+    completion_tokens: Ragged  # int32 token ids, N sequences
+    logprobs: Ragged  # float32, same offsets as completion_tokens
+    rewards: np.ndarray  # float32 [N]
+    seeds: np.ndarray  # int64 [N], sampling seed of each sample
+    finished: np.ndarray  # bool [N], ended with EOS
+    attrs: dict[str, str | int | float] = field(default_factory=dict)  # task, model, timings
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a writer announces over MPI: enough for the reader to open and verify."""
+
+    path: str
+    size_bytes: int
+    checksum: str
+
+
+def shard_path(run_dir: str, step: int, generator_rank: int) -> str:
+    """`RUN_DIR/rollouts/step-000042/shard-0003.h5`: one directory per step, one file per rank."""
+    return os.path.join(run_dir, "rollouts", f"step-{step:06d}", f"shard-{generator_rank:04d}.h5")
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+
+
+def write_shard(path: str, batch: RolloutBatch, *, compression: str | None = None) -> ShardInfo:
+    """Write `batch` to `path` atomically and durably; return what the reader needs.
+
+    `compression` is None (default, fastest), "lzf" or "gzip" (level 1). Raises ValueError
+    for an inconsistent batch (a bug in the caller, not a bad file).
+    """
+    if compression not in (None, "lzf", "gzip"):
+        raise ValueError(f"compression must be None, 'lzf' or 'gzip', got {compression!r}")
+    arrays = _batch_to_arrays(batch)
+    attrs = _key_attrs(batch)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    _makedirs_private(directory)
+    # NOTE: the temp name is in the same directory (rename is atomic only within one
+    # directory / filesystem) and starts with "." so nothing globbing "shard-*.h5" sees it.
+    tmp = os.path.join(
+        directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+    try:
+        # NOTE: locking=False: flock on NFS/Lustre is missing or slow, and nobody else can
+        # know the temp name anyway. libver v110 writes checksummed metadata (superblock v3,
+        # object header v2), so a flipped byte in the metadata fails on open as well.
+        with _hash_pool() as pool, h5py.File(tmp, "w", locking=False, libver="v110") as f:
+            checksum = _Checksum(attrs, pool)
+            for name, value in attrs.items():
+                f.attrs[name] = value
+            for name, data in arrays.items():
+                checksum.add(name, data)
+                f.create_dataset(name, data=data, **_layout(data, compression))
+            f.attrs["checksum"] = digest = checksum.hexdigest()
+            f.flush()
+        # NOTE: fsync after close: HDF5 writes metadata on close, and the rename below must
+        # not become durable (or visible on another node) before the data it points at.
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+            size_bytes = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(directory)
+    return ShardInfo(path=path, size_bytes=size_bytes, checksum=digest)
+
+
+def _batch_to_arrays(batch: RolloutBatch) -> dict[str, np.ndarray]:
+    """Check `batch` and convert it to the on-disk arrays, in `_DATASETS` order."""
+    n = len(batch)
+    per_sample = {
+        "prompt_ids": batch.prompt_ids,
+        "rewards": batch.rewards,
+        "seeds": batch.seeds,
+        "finished": batch.finished,
+    }
+    for name, value in per_sample.items():
+        if np.ndim(value) != 1 or len(value) != n:
+            raise ValueError(f"{name} must have shape [{n}], got {np.shape(value)}")
+    for name in ("prompt_tokens", "completion_tokens", "logprobs"):
+        if len(getattr(batch, name)) != n:
+            raise ValueError(f"{name} holds {len(getattr(batch, name))} sequences, expected {n}")
+    if not np.array_equal(batch.logprobs.offsets, batch.completion_tokens.offsets):
+        raise ValueError("logprobs must be aligned 1:1 with completion_tokens (same offsets)")
+    tokens = (batch.prompt_tokens.flat, batch.completion_tokens.flat)
+    token_dtype = _disk_token_dtype(*tokens)
+    arrays = {
+        "prompt_ids": np.asarray(batch.prompt_ids, dtype="<i8"),
+        "prompt_offsets": np.asarray(batch.prompt_tokens.offsets, dtype="<i8"),
+        "prompt_tokens": np.asarray(tokens[0], dtype=token_dtype),
+        "completion_offsets": np.asarray(batch.completion_tokens.offsets, dtype="<i8"),
+        "completion_tokens": np.asarray(tokens[1], dtype=token_dtype),
+        "logprobs": np.asarray(batch.logprobs.flat, dtype="<f4"),
+        "rewards": np.asarray(batch.rewards, dtype="<f4"),
+        "seeds": np.asarray(batch.seeds, dtype="<i8"),
+        "finished": np.asarray(batch.finished, dtype=bool).astype("u1"),
+    }
+    return {name: np.ascontiguousarray(arrays[name]) for name, _, _ in _DATASETS}
+
+
+def _disk_token_dtype(*token_arrays: np.ndarray) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else int32; ids must be in [0, 2**31)."""
+    lo, hi = 0, 0
+    for a in token_arrays:
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {a.dtype}")
+        if len(a):
+            lo, hi = min(lo, int(a.min())), max(hi, int(a.max()))
+    if lo < 0 or hi > np.iinfo(TOKEN_DTYPE).max:
+        raise ValueError(f"token ids must be in [0, 2**31), got range [{lo}, {hi}]")
+    return _DISK_TOKEN_DTYPES[0] if hi <= np.iinfo(np.uint16).max else _DISK_TOKEN_DTYPES[1]
+
+
+def _key_attrs(batch: RolloutBatch) -> dict[str, str | int]:
+    """The attributes the checksum covers, in checksum order."""
+    for key, value in batch.attrs.items():
+        if not isinstance(key, str) or not isinstance(value, str | int | float):
+            raise ValueError(f"attrs must map str to str/int/float, got {key!r}: {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"attrs[{key!r}] = {value} is not finite (not valid JSON)")
+    return {
+        "format": SHARD_FORMAT,
+        "format_version": SHARD_FORMAT_VERSION,
+        "step": int(batch.step),
+        "policy_version": int(batch.policy_version),
+        "generator_rank": int(batch.generator_rank),
+        "num_samples": len(batch),
+        "attrs_json": json.dumps(batch.attrs, sort_keys=True, allow_nan=False),
+    }
+
+
+def _layout(data: np.ndarray, compression: str | None) -> dict:
+    """Chunking and filter arguments for `create_dataset`."""
+    if len(data) == 0:
+        return {}  # an empty dataset cannot be chunked; contiguous costs nothing
+    chunk = max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize))
+    layout: dict = {"chunks": (chunk,)}
+    if compression == "gzip":
+        layout.update(compression="gzip", compression_opts=1, shuffle=True)
+    elif compression == "lzf":
+        layout.update(compression="lzf", shuffle=True)
+    return layout
+
+
+def _makedirs_private(directory: str) -> None:
+    """Create `directory` and missing parents with mode 0700, fsyncing each new entry."""
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    if parent != directory:
+        _makedirs_private(parent)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        return  # another rank made it first
+    _fsync_dir(parent)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename or mkdir in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # NOTE: some filesystems (and FUSE mounts) refuse fsync on a directory; the rename
+        # is still atomic there, only its durability across a server crash is weaker.
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# checksum
+
+
+class _Checksum:
+    """blake2b-256 over the key attributes, then every dataset: its name, dtype and length,
+    and the blake2b-256 digest of each `HASH_PIECE_BYTES` piece of its bytes.
+
+    The exact byte sequence is defined in `docs/shard-format.md`. Datasets must be added in
+    `_DATASETS` order.
+
+    NOTE: pieces are hashed on worker threads while the caller's thread does the HDF5 I/O;
+    hashlib and h5py both release the GIL, so hashing and I/O overlap and the pieces hash in
+    parallel. One serial blake2b pass (~1.4 GB/s a core) is slower than writing to the page
+    cache, so a plain digest would halve write throughput (tools/bench/shard_io.py).
+    """
+
+    def __init__(self, attrs: dict[str, str | int], pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._parts: list[bytes | Future] = []
+        header = json.dumps({k: attrs[k] for k in _CHECKSUM_ATTRS}, separators=(",", ":"))
+        self._parts.append(header.encode() + b"\n")
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        self._parts.append(f"{name}:{array.dtype.str}:{len(array)}\n".encode())
+        data = memoryview(array).cast("B")
+        for start in range(0, len(data), HASH_PIECE_BYTES):
+            piece = data[start : start + HASH_PIECE_BYTES]
+            self._parts.append(self._pool.submit(_piece_digest, piece))
+
+    def hexdigest(self) -> str:
+        outer = hashlib.blake2b(digest_size=32)
+        for part in self._parts:
+            outer.update(part if isinstance(part, bytes) else part.result())
+        return outer.hexdigest()
+
+
+def _piece_digest(piece: memoryview) -> bytes:
+    return hashlib.blake2b(piece, digest_size=32).digest()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(HASH_THREADS, os.cpu_count() or 1)), "shard-hash")
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+
+
+def read_shard(
+    path: str, *, expected_checksum: str | None = None, retry_s: float = 5.0
+) -> RolloutBatch:
+    """Open `path`, check format, schema and checksum, and return the batch.
+
+    A missing file is retried for up to `retry_s` seconds (another node's rename may not be
+    visible yet on NFS). Anything else wrong raises `ShardError` at once.
+    """
+    _wait_for_file(path, retry_s)
+    try:
+        with h5py.File(path, "r", locking=False) as f, _hash_pool() as pool:
+            attrs, datasets, stored_checksum = _check_metadata(path, f)
+            checksum = _Checksum(attrs, pool)
+            arrays = {}
+            for name, _, _ in _DATASETS:  # checksum order
+                arrays[name] = datasets[name][()]
+                checksum.add(name, arrays[name])
+                if name.endswith("_offsets"):
+                    _check_offsets(path, name, arrays[name], datasets)
+            actual = checksum.hexdigest()
+    except ShardError:
+        raise
+    except Exception as err:
+        # NOTE: a truncated or corrupted file fails inside HDF5 in many ways (OSError,
+        # KeyError, RuntimeError, ValueError...); all of them mean "do not use this file".
+        raise ShardError(path, f"cannot read HDF5 ({type(err).__name__}: {err})") from err
+
+    if actual != stored_checksum:
+        raise ShardError(path, f"checksum mismatch: stored {stored_checksum}, data gives {actual}")
+    if expected_checksum is not None and actual != expected_checksum:
+        raise ShardError(
+            path, f"checksum {actual} differs from the announced {expected_checksum} (stale file?)"
+        )
+    if np.any(arrays["finished"] > 1):
+        raise ShardError(path, "dataset 'finished' holds values other than 0 and 1")
+    completion_offsets = arrays["completion_offsets"]
+    return RolloutBatch(
+        step=int(attrs["step"]),
+        policy_version=int(attrs["policy_version"]),
+        generator_rank=int(attrs["generator_rank"]),
+        prompt_ids=arrays["prompt_ids"].astype(np.int64, copy=False),
+        prompt_tokens=Ragged(
+            arrays["prompt_tokens"].astype(TOKEN_DTYPE, copy=False), arrays["prompt_offsets"]
+        ),
+        completion_tokens=Ragged(
+            arrays["completion_tokens"].astype(TOKEN_DTYPE, copy=False), completion_offsets
+        ),
+        logprobs=Ragged(
+            arrays["logprobs"].astype(np.float32, copy=False), completion_offsets.copy()
+        ),
+        rewards=arrays["rewards"].astype(np.float32, copy=False),
+        seeds=arrays["seeds"].astype(np.int64, copy=False),
+        finished=arrays["finished"].astype(bool),
+        attrs=json.loads(attrs["attrs_json"]),
+    )
+
+
+def _wait_for_file(path: str, retry_s: float) -> None:
+    deadline = time.monotonic() + retry_s
+    delay_s = 0.05
+    while not os.path.exists(path):
+        # NOTE: listing the parent makes the NFS client revalidate its cached directory
+        # attributes; without it a file renamed on another node can stay invisible for the
+        # attribute-cache lifetime (acdirmax, up to 60 s).
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.listdir(parent)
+        except OSError:
+            pass
+        if os.path.exists(path):
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ShardError(path, f"no such file (still missing after {retry_s:g} s of retries)")
+        time.sleep(min(delay_s, remaining))
+        delay_s = min(delay_s * 2, 1.0)
+
+
+def _check_metadata(path: str, f: h5py.File) -> tuple[dict, dict[str, h5py.Dataset], str]:
+    """Check format, version, attributes, dataset dtypes and lengths without reading data.
+
+    Returns the checksummed attributes, the datasets by name and the stored checksum.
+    """
+    fmt = f.attrs.get("format")
+    if fmt != SHARD_FORMAT:
+        raise ShardError(path, f"not an {SHARD_FORMAT} shard (format attribute {fmt!r})")
+    version = f.attrs.get("format_version")
+    if version is None or int(version) != SHARD_FORMAT_VERSION:
+        newer = version is not None and int(version) > SHARD_FORMAT_VERSION
+        hint = " (written by a newer hpcalign; upgrade to read it)" if newer else ""
+        raise ShardError(
+            path,
+            f"format version {version} is not supported, this reader knows "
+            f"{SHARD_FORMAT_VERSION}{hint}",
+        )
+    attrs: dict[str, str | int] = {"format": SHARD_FORMAT, "format_version": SHARD_FORMAT_VERSION}
+    for name in _INT_ATTRS:
+        value = f.attrs.get(name)
+        if value is None or not np.issubdtype(np.asarray(value).dtype, np.integer):
+            raise ShardError(path, f"attribute {name!r} missing or not an integer ({value!r})")
+        attrs[name] = int(value)
+    for name in ("attrs_json", "checksum"):
+        if not isinstance(f.attrs.get(name), str):
+            raise ShardError(path, f"attribute {name!r} missing or not a string")
+    attrs["attrs_json"] = f.attrs["attrs_json"]
+    try:
+        if not isinstance(json.loads(attrs["attrs_json"]), dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        raise ShardError(path, f"attribute 'attrs_json' is not a JSON object ({err})") from None
+
+    n = attrs["num_samples"]
+    if n < 0:
+        raise ShardError(path, f"num_samples is negative ({n})")
+    expected_rows = {"N": n, "N+1": n + 1}
+    file_size = os.path.getsize(path)
+    datasets: dict[str, h5py.Dataset] = {}
+    for name, dtype, rows in _DATASETS:
+        dset = f.get(name)
+        if not isinstance(dset, h5py.Dataset):
+            raise ShardError(path, f"dataset {name!r} is missing")
+        allowed = _DISK_TOKEN_DTYPES if dtype is None else (dtype,)
+        if dset.dtype not in allowed or dset.ndim != 1:
+            raise ShardError(
+                path,
+                f"dataset {name!r} is {dset.dtype}{list(dset.shape)}, expected 1-D "
+                f"{' or '.join(str(d) for d in allowed)}",
+            )
+        if rows in expected_rows and len(dset) != expected_rows[rows]:
+            raise ShardError(
+                path,
+                f"dataset {name!r} has {len(dset)} rows, expected {expected_rows[rows]} "
+                f"for {n} samples",
+            )
+        # NOTE: checked before reading, so a corrupted shape cannot make us allocate gigabytes.
+        if dset.compression is None and dset.nbytes > file_size:
+            raise ShardError(
+                path, f"dataset {name!r} claims {dset.nbytes} bytes, file has {file_size}"
+            )
+        datasets[name] = dset
+    if datasets["prompt_tokens"].dtype != datasets["completion_tokens"].dtype:
+        raise ShardError(path, "prompt_tokens and completion_tokens have different dtypes")
+    if len(datasets["logprobs"]) != len(datasets["completion_tokens"]):
+        raise ShardError(path, "logprobs and completion_tokens differ in length")
+    return attrs, datasets, f.attrs["checksum"]
+
+
+def _check_offsets(
+    path: str, name: str, offsets: np.ndarray, datasets: dict[str, h5py.Dataset]
+) -> None:
+    flat = {"prompt_offsets": "prompt_tokens", "completion_offsets": "completion_tokens"}[name]
+    problem = _offsets_problem(offsets, len(datasets[flat]))
+    if problem:
+        raise ShardError(path, f"{name} cannot index {flat}: {problem}")
+
+
+def _offsets_problem(offsets: np.ndarray, flat_len: int) -> str | None:
+    """Why `offsets` cannot index a flat array of `flat_len` elements, or None if it can."""
+    if offsets.ndim != 1 or len(offsets) == 0:
+        return f"offsets must be 1-D with N+1 >= 1 entries, got shape {offsets.shape}"
+    if offsets[0] != 0:
+        return f"offsets[0] is {offsets[0]}, must be 0"
+    if np.any(np.diff(offsets) < 0):
+        return "offsets are not monotone non-decreasing"
+    if offsets[-1] != flat_len:
+        return f"last offset {offsets[-1]} != flat length {flat_len}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# summary
+
+
+def summarize_shard(path: str) -> str:
+    """A few human lines about a shard, after a full check (used by `hpcalign inspect`).
+
+    Raises ShardError like `read_shard`, without waiting for a missing file.
+    """
+    batch = read_shard(path, retry_s=0.0)
+    with h5py.File(path, "r", locking=False) as f:
+        checksum = f.attrs["checksum"]
+        token_dtype = f["completion_tokens"].dtype
+        compression = f["completion_tokens"].compression or "none"
+    size_mb = os.path.getsize(path) / 1e6
+    n = len(batch)
+    lengths = batch.completion_tokens.lengths()
+    prompt_tokens, completion_tokens = (
+        len(batch.prompt_tokens.flat),
+        len(batch.completion_tokens.flat),
+    )
+    lines = [
+        path,
+        f"  format      {SHARD_FORMAT} v{SHARD_FORMAT_VERSION}, {size_mb:.2f} MB, "
+        f"tokens {token_dtype}, compression {compression}",
+        f"  checksum    {_CHECKSUM_ALGORITHM} {checksum[:16]}... OK",
+        f"  step {batch.step}  policy_version {batch.policy_version}  "
+        f"generator_rank {batch.generator_rank}",
+        f"  samples     {n} ({len(np.unique(batch.prompt_ids))} prompts), "
+        f"finished {int(batch.finished.sum())}/{n}",
+        f"  tokens      prompt {prompt_tokens:,}  completion {completion_tokens:,}",
+        f"  completion length  {_stats(lengths, '.1f')}",
+        f"  reward      {_stats(batch.rewards, '.4g')}",
+    ]
+    if batch.attrs:
+        lines.append(
+            "  attrs       " + "  ".join(f"{k}={v}" for k, v in sorted(batch.attrs.items()))
+        )
+    return "\n".join(lines)
+
+
+def _stats(values: np.ndarray, fmt: str) -> str:
+    if len(values) == 0:
+        return "-"
+    v = values.astype(np.float64)
+    return (
+        f"mean {v.mean():{fmt}}  std {v.std():{fmt}}  min {v.min():{fmt}}  "
+        f"p50 {np.median(v):{fmt}}  max {v.max():{fmt}}"
+    )
