@@ -41,7 +41,11 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
 
+    from transformers.utils import logging as hf_logging
+
     from hpcalign.models.tiny import DEFAULT_SYMBOLS, init_model
+
+    hf_logging.disable_progress_bar()  # one line of output, not a "Writing shards" bar
 
     try:
         init = ModelInit(
