@@ -40,7 +40,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
-
     from transformers.utils import logging as hf_logging
 
     from hpcalign.models.tiny import DEFAULT_SYMBOLS, init_model
