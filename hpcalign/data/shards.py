@@ -281,8 +281,8 @@ def _key_attrs(batch: RolloutBatch) -> dict[str, str | int]:
 
 def _layout(data: np.ndarray, compression: str | None) -> dict:
     """Chunking and filter arguments for `create_dataset`."""
-    if len(data) == 0:
-        return {}  # an empty dataset cannot be chunked; contiguous costs nothing
+    if len(data) == 0 or (compression is None and CHUNK_BYTES == 0):
+        return {}  # contiguous (an empty dataset cannot be chunked)
     chunk = max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize))
     layout: dict = {"chunks": (chunk,)}
     if compression == "gzip":

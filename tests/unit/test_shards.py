@@ -351,3 +351,47 @@ def test_summary(written):
     assert f"completion {len(batch.completion_tokens.flat):,}" in text
     assert f"mean {batch.rewards.astype(np.float64).mean():.4g}" in text
     assert "OK" in text and "task=countdown" in text
+
+
+def test_checksum_matches_the_documented_definition(written):
+    """Recompute the checksum as docs/shard-format.md defines it, from h5py alone."""
+    import hashlib
+    import json
+
+    _, info = written
+    order = ["prompt_ids", "prompt_offsets", "prompt_tokens", "completion_offsets"]
+    order += ["completion_tokens", "logprobs", "rewards", "seeds", "finished"]
+    keys = ["format", "format_version", "step", "policy_version", "generator_rank"]
+    keys += ["num_samples", "attrs_json"]
+    with h5py.File(info.path, "r") as f:
+        header = {k: f.attrs[k] if isinstance(f.attrs[k], str) else int(f.attrs[k]) for k in keys}
+        outer = hashlib.blake2b(digest_size=32)
+        outer.update(json.dumps(header, separators=(",", ":")).encode() + b"\n")
+        for name in order:
+            data = f[name][()]
+            outer.update(f"{name}:{data.dtype.str}:{len(data)}\n".encode())
+            raw = data.tobytes()
+            for start in range(0, len(raw), 4 * 1024 * 1024):
+                outer.update(
+                    hashlib.blake2b(raw[start : start + 4 * 1024 * 1024], digest_size=32).digest()
+                )
+        assert f.attrs["checksum"] == outer.hexdigest() == info.checksum
+
+
+def test_checksum_pieces_span_datasets_larger_than_one_piece(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "HASH_PIECE_BYTES", 64)  # many pieces, even in a small shard
+    batch = make_batch()
+    info = write_shard(str(tmp_path / "s.h5"), batch)
+    assert_same(batch, read_shard(info.path))
+    with h5py.File(info.path, "r+", locking=False) as f:
+        f["logprobs"][-1] = 1.0  # in the last piece
+    expect_shard_error(info.path, "checksum mismatch")
+
+
+def test_contiguous_layout_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 0)
+    batch = make_batch()
+    info = write_shard(str(tmp_path / "s.h5"), batch)
+    with h5py.File(info.path, "r") as f:
+        assert f["completion_tokens"].chunks is None
+    assert_same(batch, read_shard(info.path))
