@@ -62,9 +62,9 @@ class Hardware:
 # one 200 Gb/s HDR (A100) or 400 Gb/s NDR (H100/H200/MI300X) NIC per GPU = 25/50 GB/s;
 # PCIe 4/5 x16 ≈ 25/50 GB/s usable.
 HARDWARE: dict[str, Hardware] = {
-    "a100-80g": Hardware("a100-80g", 312, 80, 2039, 300, 25, 25, matmul_efficiency=0.80),
-    "h100-80g": Hardware("h100-80g", 989, 80, 3350, 450, 50, 50),
-    "h200-141g": Hardware("h200-141g", 989, 141, 4800, 450, 50, 50),
+    "a100-80g": Hardware("a100-80g", 312, 80, 2039, 300, 25, 25, matmul_efficiency=0.65),
+    "h100-80g": Hardware("h100-80g", 989, 80, 3350, 450, 50, 50, matmul_efficiency=0.60),
+    "h200-141g": Hardware("h200-141g", 989, 141, 4800, 450, 50, 50, matmul_efficiency=0.60),
     "mi300x": Hardware("mi300x", 1307, 192, 5300, 448, 50, 50, matmul_efficiency=0.55),
     # The test machines' CPUs, for the tiny measured sweep: 2 AVX-512 cores at ~2.5 GHz
     # (2 FMA units · 16 fp32 lanes · 2 FLOP · 2.5e9 · 2 cores = 0.32 TFLOP/s fp32 peak),

@@ -123,7 +123,9 @@ def layout_reasons(
 ) -> list[str]:
     """Why (tp, pp, vpp) cannot hold `shape` on `pool` GPUs; empty when it can."""
     reasons = []
-    if tp > shape.heads or shape.heads % tp:
+    if tp > shape.heads:
+        reasons.append(f"{role}: TP {tp} is larger than the {shape.heads} attention heads")
+    elif shape.heads % tp:
         reasons.append(f"{role}: TP {tp} does not divide the {shape.heads} attention heads")
     elif tp < shape.kv_heads and shape.kv_heads % tp:
         reasons.append(f"{role}: TP {tp} does not divide the {shape.kv_heads} KV heads")

@@ -68,6 +68,8 @@ class ParamCount:
     norms_per_layer: int
     final_norm: int
     layers: int
+    head_matmul: int
+    """vocab · hidden: the logits matmul (with or without tying)."""
 
     @property
     def per_layer(self) -> int:
@@ -90,9 +92,8 @@ class ParamCount:
         With tied embeddings the output head still multiplies by the (shared) matrix, so it
         counts here once although it is stored once.
         """
-        head = self.output if self.output else self.embedding
         per_layer = self.attention_per_layer + self.mlp_active_per_layer
-        return self.layers * per_layer + head
+        return self.layers * per_layer + self.head_matmul
 
 
 def count_params(shape: ModelShape) -> ParamCount:
@@ -125,6 +126,7 @@ def count_params(shape: ModelShape) -> ParamCount:
         norms_per_layer=2 * norm_params,
         final_norm=norm_params,
         layers=shape.layers,
+        head_matmul=shape.vocab * h,
     )
 
 
