@@ -125,6 +125,22 @@ def study_table(rows: list[Row]) -> str:
     return table(STUDY_HEADER, study_rows(rows))
 
 
+def best_lines(rows: list[Row]) -> list[str]:
+    """The feasible point with the most tokens/s/GPU per GPU count, as markdown bullets."""
+    best: dict[int, Row] = {}
+    for r in rows:
+        if r["feasible"] and (
+            r["gpus"] not in best
+            or r["tokens_per_s_per_gpu"] > best[r["gpus"]]["tokens_per_s_per_gpu"]
+        ):
+            best[r["gpus"]] = r
+    return [
+        f"- best planned on {g} GPUs: #{r['index']} ({r['label']}): {r['step_time_s']:.3g} s/step, "
+        f"{r['tokens_per_s_per_gpu']:.3g} tokens/s/GPU, MFU {r['mfu']:.1%}, peak {r['peak_mem_gb']:.1f} GB"
+        for g, r in sorted(best.items())
+    ]
+
+
 def study_markdown(
     name: str, rows: list[Row], study_dir: Path, plots: list[str] | None = None
 ) -> str:
@@ -137,6 +153,8 @@ def study_markdown(
         f"{measured} measured. Planned figures: docs/planner.md. Measured step time is the median "
         "of `time_step_s` over the steps after the first (warm-up); memory is the peak RSS of "
         "the largest process of the run (CPU points).",
+        "",
+        *best_lines(rows),
         "",
         _md_table(STUDY_HEADER, study_rows(rows)),
         "",

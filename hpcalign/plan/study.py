@@ -89,13 +89,17 @@ class Point:
 
     @property
     def label(self) -> str:
-        return (
-            ", ".join(
-                f"{k.split('.')[-2] + '.' if k.count('.') else ''}{k.split('.')[-1]}={v}"
-                for k, v in self.values.items()
+        """Short `key=value` list: last key segment, role prefix for non-policy layouts."""
+        parts = []
+        for key, value in self.values.items():
+            bits = key.split(".")
+            name = bits[-1]
+            if bits[0] == "layouts" and len(bits) == 3 and bits[1] != "policy":
+                name = f"{bits[1][:3]}.{name}"
+            parts.append(
+                f"{name}={value if not isinstance(value, dict) else '/'.join(map(str, value.values()))}"
             )
-            or "base"
-        )
+        return " ".join(parts) or "base"
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
