@@ -41,10 +41,11 @@ from hpcalign.errors import ShardError
 SHARD_FORMAT = "hpcalign-rollout"
 SHARD_FORMAT_VERSION = 1
 
-# Target bytes per HDF5 chunk of the flat token / log-prob datasets. Chunks this large cost
-# nothing measurable against a contiguous layout (tools/bench/shard_io.py) and allow
-# compression; smaller ones add B-tree and per-chunk overhead for no gain, since readers
-# always read a dataset whole.
+# Largest HDF5 chunk, in bytes; datasets are split into equal chunks no larger than this.
+# Chunks this large cost nothing measurable against a contiguous layout
+# (tools/bench/shard_io.py) and allow compression; smaller ones add B-tree and per-chunk
+# overhead for no gain, since readers always read a dataset whole. 0 = contiguous when
+# uncompressed.
 CHUNK_BYTES = 4 << 20
 
 # The checksum hashes datasets in pieces of this size, on up to HASH_THREADS threads.
@@ -283,8 +284,12 @@ def _layout(data: np.ndarray, compression: str | None) -> dict:
     """Chunking and filter arguments for `create_dataset`."""
     if len(data) == 0 or (compression is None and CHUNK_BYTES == 0):
         return {}  # contiguous (an empty dataset cannot be chunked)
-    chunk = max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize))
-    layout: dict = {"chunks": (chunk,)}
+    # NOTE: HDF5 stores a partial last chunk at full size, so split the dataset into
+    # equal chunks of at most CHUNK_BYTES instead of CHUNK_BYTES plus a padded remainder
+    # (a 5 MiB dataset would take 8 MiB of disk with plain 4 MiB chunks).
+    max_rows = max(1, CHUNK_BYTES // data.dtype.itemsize)
+    num_chunks = -(-len(data) // max_rows)
+    layout: dict = {"chunks": (-(-len(data) // num_chunks),)}
     if compression == "gzip":
         layout.update(compression="gzip", compression_opts=1, shuffle=True)
     elif compression == "lzf":

@@ -395,3 +395,15 @@ def test_contiguous_layout_round_trips(tmp_path, monkeypatch):
     with h5py.File(info.path, "r") as f:
         assert f["completion_tokens"].chunks is None
     assert_same(batch, read_shard(info.path))
+
+
+def test_chunks_are_even_and_not_padded(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 400)  # 100 int32 tokens per chunk at most
+    batch = make_batch(n=40)
+    info = write_shard(str(tmp_path / "s.h5"), batch)
+    with h5py.File(info.path, "r") as f:
+        tokens = f["completion_tokens"]
+        (chunk,) = tokens.chunks
+        num_chunks = -(-len(tokens) // chunk)
+        assert chunk * 4 <= 400 and chunk * num_chunks - len(tokens) < num_chunks
+    assert_same(batch, read_shard(info.path))
