@@ -9,7 +9,8 @@ Choices (written here so the trainer and tests agree):
 - Group std is the unbiased (Bessel, n - 1) sample std, `torch.std`'s default and what the
   reference implementations of DeepSeekMath's GRPO (TRL's GRPOTrainer, verl's
   `compute_grpo_outcome_advantage`) use; the paper writes std(r) without saying which.
-  A group of one has no spread: its advantage is 0.
+  A group of one has no baseline to compare with: its advantage is 0 (verl instead uses the
+  raw reward there, which is not group-relative).
 - Loss aggregation is a token mean: the sum over every completion token of every sequence
   divided by the number of such tokens (`token_count`, the global count under data
   parallelism), as in DAPO and verl's "token-mean", so long completions are not down-weighted.
