@@ -1,0 +1,215 @@
+"""The heterogeneous-job sbatch text: a pure function of the config, no I/O.
+
+`hetjob_sbatch_text(cfg, run_dir, python)` is exactly what `hpcalign submit` hands to
+`sbatch` (and what `--dry-run` prints): submitit's own `_make_sbatch_string` writes the
+header of component 0 (trainers) and the script body; `#SBATCH hetjob` and the header of
+component 1 (generators) are inserted after it. The body runs ONE MPMD job step across both
+components, `srun --mpi=pmix A : B`, which gives one MPI world of trainers then
+generators, the same shape as local mode's `mpiexec -n T A : -n G B`.
+
+Safety: every config value that reaches the text is `shlex.quote`d once, where it is
+assigned; the job step only uses the variables, double-quoted. Values with a newline,
+carriage return or NUL are refused (`ConfigError`), because Slurm reads `#SBATCH` headers
+line by line and a newline would start a new shell line. `slurm.setup` is the one field
+that is shell code by design (module loads, venv activation) and is written as is.
+
+`JOB_STEP` is shared word for word with `sbatch/hetjob.sbatch` (a test holds them equal),
+so the hand-written script and `hpcalign submit` run the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from submitit.slurm.slurm import _as_sbatch_flag, _convert_mem, _make_sbatch_string
+
+from hpcalign.config.schema import Config
+from hpcalign.config.slurm import Component
+from hpcalign.errors import ConfigError
+
+ROLE_MODULE = "hpcalign.roles.main"
+COMPONENTS = (("train", "trainer"), ("gen", "generator"))  # (slurm.<name>, role), in order
+_FLAG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# sbatch flags the generator owns; `sbatch_args` may not set them (use the config field).
+_MANAGED_FLAGS = {
+    "partition": "partition", "nodes": "nodes", "ntasks-per-node": "tasks_per_node",
+    "ntasks": "tasks_per_node", "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "time": "time_min",
+    "account": "account", "qos": "qos", "constraint": "constraint",
+    "reservation": "reservation", "exclusive": "exclusive", "job-name": "slurm.job_name",
+    "signal": "slurm.signal_before_end_s", "requeue": "slurm.max_requeues",
+    "no-requeue": "slurm.max_requeues", "output": "(set by hpcalign)", "error": "(set by hpcalign)",
+    "open-mode": "(set by hpcalign)",
+}
+
+# The job step, shared word for word with sbatch/hetjob.sbatch. It expects HPCALIGN_RUN_DIR,
+# HPCALIGN_PYTHON and the arrays HPCALIGN_TRAIN_SRUN_ARGS / HPCALIGN_GEN_SRUN_ARGS.
+# NOTE: logs are named with ${SLURM_JOB_ID} (the leader's id in every component), never %j:
+# in a het step srun expands %j to the component's own id. srun numbers tasks in its %t in
+# its own way across components; the roles' RUN_DIR/logs/rank-N.log carry the world rank.
+JOB_STEP = """\
+# ---- the job step (identical in sbatch/hetjob.sbatch and `hpcalign submit`) ----
+# One MPMD step across both components = one MPI world: trainers, then generators.
+export PYTHONUNBUFFERED=1 HDF5_USE_FILE_LOCKING=FALSE
+# Open MPI over TCP connects lazily and needs the sender to progress: without this thread a
+# control message sent right before a long torch call (e.g. the rendezvous) waits for it.
+export OMPI_MCA_btl_tcp_progress_thread="${OMPI_MCA_btl_tcp_progress_thread:-1}"
+attempt="${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}"
+logs="$HPCALIGN_RUN_DIR/logs"
+mkdir -p -- "$logs" "$HPCALIGN_RUN_DIR/errors"
+rm -f -- "$HPCALIGN_RUN_DIR"/errors/*.json  # failures of an earlier attempt
+srun --mpi=pmix --kill-on-bad-exit=1 \\
+    --output="$logs/slurm-$attempt-trainer-%t.out" "${HPCALIGN_TRAIN_SRUN_ARGS[@]}" \\
+    "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role trainer "$HPCALIGN_RUN_DIR" \\
+  : --output="$logs/slurm-$attempt-generator-%t.out" "${HPCALIGN_GEN_SRUN_ARGS[@]}" \\
+    "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role generator "$HPCALIGN_RUN_DIR" \\
+    2>>"$logs/slurm-$attempt-srun.err"
+rc=$?
+# Done, requeue (preempted and SLURM_RESTART_COUNT < slurm.max_requeues) or report a failure.
+"$HPCALIGN_PYTHON" -m hpcalign.launch.slurm_job after-step --rc "$rc" "$HPCALIGN_RUN_DIR"
+"""
+
+
+def _check_text(field: str, value: str) -> None:
+    if any(ch in value for ch in "\n\r\0"):
+        raise ConfigError(f"{field}={value!r}: newlines, carriage returns and NUL bytes are "
+                          f"not allowed (Slurm reads #SBATCH lines and shell lines one by one)")
+
+
+def check_slurm_config(cfg: Config, run_dir: str, python: str, check_tasks: bool = True) -> None:
+    """Refuse what cannot be written safely or cannot run: ranks vs tasks, keys, newlines.
+
+    `check_tasks=False` for hand-written scripts, whose #SBATCH lines set the tasks (the
+    allocation is checked against the ranks inside the job instead).
+    """
+    _check_text("run_dir", run_dir)
+    if "%" in run_dir:
+        raise ConfigError(f"run_dir={run_dir!r}: '%' is not allowed (Slurm expands it in log "
+                          f"file names: %j, %t, ...)")
+    _check_text("slurm.python", python)
+    _check_text("slurm.job_name", cfg.slurm.job_name)
+    for name, role in COMPONENTS:
+        comp: Component = getattr(cfg.slurm, name)
+        ranks = getattr(cfg, role).ranks
+        if check_tasks and comp.nodes * comp.tasks_per_node != ranks:
+            raise ConfigError(
+                f"slurm.{name}.nodes={comp.nodes} x slurm.{name}.tasks_per_node="
+                f"{comp.tasks_per_node} = {comp.nodes * comp.tasks_per_node} tasks, but "
+                f"{role}.ranks={ranks}: component {name} must hold exactly one task per {role} "
+                f"rank (set tasks_per_node={ranks // comp.nodes if ranks % comp.nodes == 0 else '?'}"
+                f" or change nodes)")
+        for field in ("partition", "account", "qos", "constraint", "reservation"):
+            value = getattr(comp, field)
+            if value is not None:
+                _check_text(f"slurm.{name}.{field}", value)
+        for key, value in comp.sbatch_args.items():
+            if not _FLAG_KEY.match(key):
+                raise ConfigError(f"slurm.{name}.sbatch_args: {key!r} is not an sbatch flag name "
+                                  f"(letters, digits, '-' and '_', without the leading '--')")
+            flag = key.replace("_", "-")
+            if flag in _MANAGED_FLAGS:
+                raise ConfigError(f"slurm.{name}.sbatch_args.{key}: hpcalign sets --{flag} itself; "
+                                  f"use {_MANAGED_FLAGS[flag]} instead")
+            _check_text(f"slurm.{name}.sbatch_args.{key}", str(value))
+        for i, arg in enumerate(comp.srun_args):
+            _check_text(f"slurm.{name}.srun_args[{i}]", arg)
+    for key, value in cfg.slurm.env.items():
+        if not _ENV_KEY.match(key):
+            raise ConfigError(f"slurm.env: {key!r} is not a valid environment variable name")
+        if key.startswith(("SLURM_", "HPCALIGN_")):
+            raise ConfigError(f"slurm.env.{key}: SLURM_* and HPCALIGN_* are set by Slurm and "
+                              f"hpcalign; choose another name")
+        _check_text(f"slurm.env.{key}", value)
+
+
+def _common_flags(comp: Component, cfg: Config) -> dict[str, Any]:
+    """The sbatch flags every component carries (name → value; True for a bare flag)."""
+    # Without "B:" Slurm signals the job steps (every rank), not the batch shell: the roles
+    # checkpoint at the next step boundary and exit; after-step then requeues. (This also
+    # replaces submitit's own USR2 default, which only its pickled entry would handle.)
+    flags: dict[str, Any] = {"signal": f"USR1@{cfg.slurm.signal_before_end_s}"}
+    flags["requeue" if cfg.slurm.max_requeues else "no-requeue"] = True
+    if comp.reservation:
+        flags["reservation"] = comp.reservation
+    flags.update(comp.sbatch_args)
+    return flags
+
+
+def component0_parameters(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of submitit's `_make_sbatch_string` for component 0 (trainers)."""
+    comp = cfg.slurm.train
+    return {
+        "job_name": cfg.slurm.job_name,
+        "partition": comp.partition,
+        "time": comp.time_min,
+        "nodes": comp.nodes,
+        "ntasks_per_node": comp.tasks_per_node,
+        "cpus_per_task": comp.cpus_per_task,
+        "gpus_per_node": comp.gpus_per_node or None,
+        "mem": _convert_mem(comp.mem_gb) if comp.mem_gb else None,
+        "account": comp.account,
+        "qos": comp.qos,
+        "constraint": comp.constraint,
+        "exclusive": True if comp.exclusive else None,
+        "wckey": None,  # submitit's default "submitit" is refused where wckeys are enforced
+        "setup": list(cfg.slurm.setup) or None,
+        "use_srun": False,  # the body starts its own MPMD srun step
+        "additional_parameters": _common_flags(comp, cfg),
+    }
+
+
+def het_component_lines(comp: Component, cfg: Config) -> list[str]:
+    """`#SBATCH hetjob` and the header of a further component (generators)."""
+    flags: dict[str, Any] = {
+        "partition": comp.partition, "time": comp.time_min, "nodes": comp.nodes,
+        "ntasks_per_node": comp.tasks_per_node, "cpus_per_task": comp.cpus_per_task,
+    }
+    optional = {"gpus_per_node": comp.gpus_per_node or None,
+                "mem": _convert_mem(comp.mem_gb) if comp.mem_gb else None,
+                "account": comp.account, "qos": comp.qos, "constraint": comp.constraint,
+                "exclusive": True if comp.exclusive else None}
+    flags.update({k: v for k, v in optional.items() if v is not None})
+    flags.update(_common_flags(comp, cfg))
+    return ["#SBATCH hetjob"] + [_as_sbatch_flag(k, flags[k]) for k in sorted(flags)]
+
+
+def _array(name: str, args: list[str]) -> str:
+    return f"{name}=({' '.join(shlex.quote(a) for a in args)})"
+
+
+def job_body(cfg: Config, run_dir: str, python: str) -> str:
+    """The script after the headers: quoted assignments from the config, then `JOB_STEP`."""
+    lines = [
+        "# ---- values from the config (each shell-quoted) ----",
+        f"HPCALIGN_RUN_DIR={shlex.quote(run_dir)}",
+        f"HPCALIGN_PYTHON={shlex.quote(python)}",
+        _array("HPCALIGN_TRAIN_SRUN_ARGS", cfg.slurm.train.srun_args),
+        _array("HPCALIGN_GEN_SRUN_ARGS", cfg.slurm.gen.srun_args),
+    ]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(cfg.slurm.env.items())]
+    return "\n".join(lines) + "\n" + JOB_STEP
+
+
+def submitit_folder(run_dir: str) -> str:
+    """submitit's folder inside RUN_DIR (submission file, batch log)."""
+    return str(Path(run_dir) / "submitit")
+
+
+def insert_het_components(text: str, lines: list[str]) -> str:
+    """Put further het components right after the last `#SBATCH` line of component 0."""
+    rows = text.split("\n")
+    last = max(i for i, row in enumerate(rows) if row.startswith("#SBATCH "))
+    return "\n".join(rows[: last + 1] + lines + rows[last + 1 :])
+
+
+def hetjob_sbatch_text(cfg: Config, run_dir: str, python: str) -> str:
+    """The whole sbatch script `hpcalign submit` writes for this config (pure)."""
+    check_slurm_config(cfg, run_dir, python)
+    text = _make_sbatch_string(command=job_body(cfg, run_dir, python),
+                               folder=submitit_folder(run_dir),
+                               **component0_parameters(cfg))
+    return insert_het_components(text, het_component_lines(cfg.slurm.gen, cfg))

@@ -1,0 +1,221 @@
+"""The het-job sbatch text: golden files, weird values through a real bash, submitit's view.
+
+Golden files live in tests/unit/golden/. After an intended change of the generated text:
+    HPCALIGN_UPDATE_GOLDEN=1 pytest tests/unit/test_sbatch_text.py
+and review the diff of the golden files like code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcalign.config.load import config_from_dict, load_config
+from hpcalign.config.schema import Config
+from hpcalign.errors import ConfigError
+from hpcalign.launch.sbatch_text import JOB_STEP, check_slurm_config, hetjob_sbatch_text, job_body
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+PYTHON = "/opt/hpcalign/venv/bin/python"
+WEIRD_RUN_DIR = "/shared/we ird/quo'te\"d $(touch PWNED) `touch PWNED`/semi;colon&amp"
+WEIRD_VALUE = "$(touch PWNED) `touch PWNED` 'single' \"double\" ; & | \\ * ?"
+
+
+def assert_golden(name: str, text: str) -> None:
+    """Compare with tests/unit/golden/NAME; HPCALIGN_UPDATE_GOLDEN=1 rewrites it."""
+    path = GOLDEN / name
+    if os.environ.get("HPCALIGN_UPDATE_GOLDEN") == "1" or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if os.environ.get("HPCALIGN_UPDATE_GOLDEN") != "1":
+            pytest.fail(f"{path} did not exist and was written: review it and commit it")
+        return
+    expected = path.read_text()
+    if text != expected:
+        diff = "\n".join(difflib.unified_diff(expected.splitlines(), text.splitlines(),
+                                              f"golden/{name}", "generated", lineterm=""))
+        pytest.fail(f"generated text differs from golden/{name} (if intended, rerun with "
+                    f"HPCALIGN_UPDATE_GOLDEN=1 and review):\n{diff}")
+
+
+def quickstart(**changes: object) -> Config:
+    data = load_config(str(REPO / "configs" / "quickstart.yaml")).model_dump(mode="json")
+    data["run_dir"] = "/shared/runs/quickstart"
+    data["model"]["path"] = "/shared/runs/quickstart/base-model"
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config_from_dict(data)
+
+
+def weird_config(run_dir: str) -> Config:
+    return quickstart(
+        run_dir=run_dir,
+        slurm__job_name="my job's \"name\"",
+        slurm__env={"NCCL_WEIRD": WEIRD_VALUE, "NCCL_DEBUG": "INFO"},
+        slurm__train__account="acc'ount $(touch PWNED)",
+        slurm__train__sbatch_args={"comment": WEIRD_VALUE},
+        slurm__train__srun_args=["--container-image=/img dir/it's $(touch PWNED).sqsh"],
+        slurm__gen__constraint="a100&`touch PWNED`",
+        slurm__gen__srun_args=["--export=ALL", WEIRD_VALUE],
+    )
+
+
+# ---------------------------------------------------------------- golden files
+def test_quickstart_golden() -> None:
+    cfg = quickstart()
+    assert_golden("hetjob-quickstart.sbatch", hetjob_sbatch_text(cfg, cfg.run_dir, PYTHON))
+
+
+def test_grpo_7b_golden() -> None:
+    cfg = load_config(str(REPO / "configs" / "grpo-7b.yaml"))
+    assert_golden("hetjob-grpo-7b.sbatch", hetjob_sbatch_text(cfg, cfg.run_dir, cfg.slurm.python))
+
+
+def test_weird_values_golden() -> None:
+    cfg = weird_config(WEIRD_RUN_DIR)
+    assert_golden("hetjob-weird.sbatch", hetjob_sbatch_text(cfg, WEIRD_RUN_DIR, PYTHON))
+
+
+def test_sbatch_headers_round_trip_through_shell_words() -> None:
+    """Each #SBATCH line is exactly one shell word whose value is the config value."""
+    cfg = weird_config(WEIRD_RUN_DIR)
+    text = hetjob_sbatch_text(cfg, WEIRD_RUN_DIR, PYTHON)
+    headers = [line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")]
+    values = {}
+    for header in headers:
+        words = shlex.split(header)
+        assert len(words) == 1, header
+        key, _, value = words[0].partition("=")
+        values.setdefault(key, []).append(value)
+    assert values["--comment"] == [WEIRD_VALUE]
+    assert values["--account"] == ["acc'ount $(touch PWNED)"]
+    assert values["--constraint"] == ["a100&`touch PWNED`"]
+    assert values["--job-name"] == ["my job's \"name\""]
+    assert values["--output"] == [f"{WEIRD_RUN_DIR}/submitit/%j_0_log.out"]
+    assert values["hetjob"] == [""]
+
+
+# ---------------------------------------------------------------- a real shell
+def test_weird_values_reach_srun_intact_and_run_nothing(weird_tmp_path: Path,
+                                                        tmp_path: Path) -> None:
+    """Run the generated script in bash (srun and python stubbed): values arrive unchanged."""
+    run_dir = str(weird_tmp_path / "run")
+    python = weird_tmp_path / "py thon's"
+    python.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$STUB_OUT/python-argv"\n')
+    python.chmod(0o755)
+    cfg = weird_config(run_dir)
+    script = tmp_path / "job.sbatch"
+    script.write_text(hetjob_sbatch_text(cfg, run_dir, str(python)))
+    stub = ('srun() { printf "%s\\0" "$@" > "$STUB_OUT/srun-argv"; '
+            'printf "%s" "$NCCL_WEIRD" > "$STUB_OUT/env"; }; export -f srun; exec bash "$1"')
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "42", "STUB_OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "-c", stub, "_", str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    srun_argv = (tmp_path / "srun-argv").read_text().split("\0")[:-1]
+    logs = f"{run_dir}/logs"
+    assert srun_argv == [
+        "--mpi=pmix", "--kill-on-bad-exit=1", f"--output={logs}/slurm-42.0-trainer-%t.out",
+        "--container-image=/img dir/it's $(touch PWNED).sqsh",
+        str(python), "-u", "-m", "hpcalign.roles.main", "--role", "trainer", run_dir,
+        ":", f"--output={logs}/slurm-42.0-generator-%t.out", "--export=ALL", WEIRD_VALUE,
+        str(python), "-u", "-m", "hpcalign.roles.main", "--role", "generator", run_dir,
+    ]
+    assert (tmp_path / "env").read_text() == WEIRD_VALUE
+    python_argv = (tmp_path / "python-argv").read_text().split("\0")[:-1]
+    assert python_argv == ["-m", "hpcalign.launch.slurm_job", "after-step", "--rc", "0", run_dir]
+    assert Path(logs).is_dir()
+    for where in (tmp_path, weird_tmp_path, Path.cwd()):
+        assert not (where / "PWNED").exists(), f"a config value was executed (in {where})"
+
+
+# ---------------------------------------------------------------- refusals
+@pytest.mark.parametrize("change, field", [
+    ({"slurm__env": {"NCCL_X": "a\nrm -rf /"}}, "slurm.env.NCCL_X"),
+    ({"slurm__env": {"BAD-NAME": "1"}}, "slurm.env"),
+    ({"slurm__env": {"SLURM_JOB_ID": "1"}}, "slurm.env.SLURM_JOB_ID"),
+    ({"slurm__train__sbatch_args": {"comment\n#SBATCH --x": "1"}}, "sbatch_args"),
+    ({"slurm__train__sbatch_args": {"comment": "a\nb"}}, "slurm.train.sbatch_args.comment"),
+    ({"slurm__gen__sbatch_args": {"partition": "x"}}, "use partition instead"),
+    ({"slurm__gen__srun_args": ["ok", "bad\r"]}, "slurm.gen.srun_args[1]"),
+    ({"slurm__job_name": "a\nb"}, "slurm.job_name"),
+    ({"trainer__ranks": 2}, "trainer.ranks=2"),
+    ({"run_dir": "/runs/100%"}, "'%' is not allowed"),
+])
+def test_refuses_unsafe_or_inconsistent_values(change: dict, field: str) -> None:
+    cfg = quickstart(**change)
+    with pytest.raises(ConfigError, match=None) as err:
+        check_slurm_config(cfg, cfg.run_dir, PYTHON)
+    assert field in str(err.value)
+
+
+def test_newline_in_run_dir_is_refused() -> None:
+    cfg = quickstart()
+    with pytest.raises(ConfigError, match="newlines"):
+        hetjob_sbatch_text(cfg, "/runs/a\n#SBATCH --x", PYTHON)
+
+
+# ---------------------------------------------------------------- submitit's view
+def test_submitit_executor_writes_the_same_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HetSlurmExecutor (what `submit` uses) == hetjob_sbatch_text (what --dry-run prints)."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from hpcalign.launch.slurm import HetSlurmExecutor
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun here
+    for cfg in (quickstart(), load_config(str(REPO / "configs" / "grpo-7b.yaml")),
+                weird_config(WEIRD_RUN_DIR)):
+        executor = HetSlurmExecutor(cfg, cfg.run_dir, PYTHON)
+        body = job_body(cfg, cfg.run_dir, PYTHON)
+        assert executor._make_submission_file_text(body, "uid") == hetjob_sbatch_text(
+            cfg, cfg.run_dir, PYTHON)
+        assert executor._num_tasks() == cfg.trainer.ranks + cfg.generator.ranks
+
+
+def test_watcher_folds_het_components() -> None:
+    """sacct lists a het job only as <id>+0, <id>+1 rows (recorded on the test cluster)."""
+    from hpcalign.launch.slurm import HetSlurmInfoWatcher
+
+    sacct = (GOLDEN / "sacct-het.txt").read_text()
+    info = HetSlurmInfoWatcher().read_info(sacct)
+    folded = {job: {k: v for k, v in row.items()} for job, row in sorted(info.items())
+              if "+" not in job}
+    assert_golden("sacct-het-folded.json", json.dumps(folded, indent=2, sort_keys=True) + "\n")
+    assert info["1"]["State"] == info["15"]["State"] == "COMPLETED"
+    assert info["6"]["State"] == "CANCELLED"  # "CANCELLED by 0" in sacct
+    assert info["17"]["State"] == "RUNNING"
+    assert info["19"]["State"] == "PENDING"
+    assert info["17"]["NodeList"] == "vm1,vm2"
+    # a component that fails while the other completed makes the job FAILED (made-up rows)
+    mixed = "JobID|State|NodeList\n9+0|COMPLETED|vm1\n9+0.batch|COMPLETED|vm1\n9+1|FAILED|vm2\n"
+    assert HetSlurmInfoWatcher().read_info(mixed)["9"]["State"] == "FAILED"
+
+
+def test_hetjob_sbatch_runs_the_same_job_step() -> None:
+    """sbatch/hetjob.sbatch carries JOB_STEP word for word (same srun, same after-step)."""
+    script = (REPO / "sbatch" / "hetjob.sbatch").read_text()
+    assert JOB_STEP in script
+
+
+def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "never-created"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcalign.cli", "submit", str(REPO / "configs" / "quickstart.yaml"),
+         f"run_dir={run_dir}", "--dry-run"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!/bin/bash")
+    assert "#SBATCH hetjob" in proc.stdout and f"HPCALIGN_RUN_DIR={run_dir}" in proc.stdout
+    assert not run_dir.exists() and list(tmp_path.iterdir()) == []
