@@ -10,10 +10,10 @@ to redo: the first `write(step=s)` keeps only earlier lines with step < s, and T
 purges its events from step s on. Every step then appears once.
 
 Keys are flat; `hpcalign plot` knows `reward_mean`, `reward_std`, `loss`, `kl`, `entropy`,
-`response_length_mean`, `samples_per_s` and phase times `time_<phase>` (seconds).
+`response_len_mean`, `samples_per_s` and phase times `time_<phase>_s`.
 
     writer = MetricsWriter(run_dir)
-    writer.write(step, {"reward_mean": 0.4, "loss": 1.2, "time_generate": 3.1})
+    writer.write(step, {"reward_mean": 0.4, "loss": 1.2, "time_generate_s": 3.1})
     writer.close()
 """
 
