@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -118,6 +119,12 @@ def checksum_only(batch: RolloutBatch) -> float:
     return time.perf_counter() - start
 
 
+def cpu_s(who: int) -> float:
+    """User + system CPU seconds so far (all threads of this process, or waited children)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -149,6 +156,8 @@ def main() -> None:
     batch = make_batch(args.mb)
     keys = (
         "write",
+        "write_cpu",
+        "dd_write_cpu",
         "h5_write",
         "checksum",
         "read",
@@ -167,14 +176,17 @@ def main() -> None:
             for p in (shard, dd_file):
                 if os.path.exists(p):
                     os.unlink(p)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_s(resource.RUSAGE_SELF)
             info = write_shard(shard, batch, compression=compression)
             times["write"].append(time.perf_counter() - t)
+            times["write_cpu"].append(cpu_s(resource.RUSAGE_SELF) - cpu)
+            cpu = cpu_s(resource.RUSAGE_CHILDREN)
             size = info.size_bytes
             dd_mb = max(1, round(size / 2**20))
             times["dd_write"].append(
                 run_dd(["if=/dev/zero", f"of={dd_file}", "bs=1M", f"count={dd_mb}", "conv=fsync"])
             )
+            times["dd_write_cpu"].append(cpu_s(resource.RUSAGE_CHILDREN) - cpu)
             times["h5_write"].append(h5_write_only(batch, os.path.join(work, "h5.h5"), compression))
             times["checksum"].append(checksum_only(batch))
             for warmth in ("", "_warm"):  # cold first, then again from the page cache
@@ -211,6 +223,9 @@ def main() -> None:
             out["h5_write_no_checksum_MBps"] / out["dd_write_MBps"], 3
         ),
         # best-of-repeat figures: less sensitive to other jobs on a shared node
+        # CPU seconds per write: what a busy node has to find for it
+        write_cpu_s=round(statistics.median(times["write_cpu"]), 3),
+        dd_write_cpu_s=round(statistics.median(times["dd_write_cpu"]), 3),
         write_ratio_best=round(mbps("write", size, True) / mbps("dd_write", dd_bytes, True), 3),
         bytes=size,
         dd_bytes=dd_bytes,
