@@ -10,7 +10,8 @@ mixed-length (left-padded) prompts like the "reverse" task's.
     python tools/bench/sampler.py                     # 2 threads, both attention kernels
     python tools/bench/sampler.py --threads 1 --repeat 9 --attn sdpa
 
-Prints ONE JSON line (median seconds per 64 x 32 batch). Target (FACTS.md): ~0.30 s.
+Prints ONE JSON line: median wall and CPU seconds per 64 x 32 batch (compare CPU seconds when
+the machine is shared). Target (FACTS.md): ~0.30 s wall on 2 idle threads.
 """
 
 from __future__ import annotations
@@ -39,14 +40,19 @@ def reference_loop(model, prompts: torch.Tensor, new_tokens: int, generator: tor
             logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
 
 
-def _median_s(fn, repeat: int) -> float:
+def _median_s(fn, repeat: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of this process (all threads) per call.
+
+    CPU seconds are the figure to compare on a busy machine: other jobs stretch wall time.
+    """
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _bench_model(model, equal: torch.Tensor, mixed: list[list[int]], new_tokens: int,
@@ -55,12 +61,16 @@ def _bench_model(model, equal: torch.Tensor, mixed: list[list[int]], new_tokens:
         return lambda: sample(model, prompts, max_new_tokens=new_tokens, eos_id=-1, pad_id=0,
                               generator=torch.Generator().manual_seed(1))
 
-    ref_s = _median_s(lambda: reference_loop(model, equal, new_tokens,
-                                             torch.Generator().manual_seed(1)), repeat)
-    equal_s = _median_s(ours(equal.tolist()), repeat)
-    mixed_s = _median_s(ours(mixed), repeat)
+    ref_s, ref_cpu = _median_s(lambda: reference_loop(model, equal, new_tokens,
+                                                      torch.Generator().manual_seed(1)), repeat)
+    equal_s, equal_cpu = _median_s(ours(equal.tolist()), repeat)
+    mixed_s, mixed_cpu = _median_s(ours(mixed), repeat)
     return {"reference_s": round(ref_s, 4), "sample_equal_s": round(equal_s, 4),
-            "sample_mixed_s": round(mixed_s, 4), "overhead_equal": round(equal_s / ref_s - 1, 3),
+            "sample_mixed_s": round(mixed_s, 4),
+            "reference_cpu_s": round(ref_cpu, 4), "sample_equal_cpu_s": round(equal_cpu, 4),
+            "sample_mixed_cpu_s": round(mixed_cpu, 4),
+            "overhead_equal_cpu": round(equal_cpu / ref_cpu - 1, 3),
+            "overhead_mixed_cpu": round(mixed_cpu / ref_cpu - 1, 3),
             "tokens_per_s_mixed": round(len(mixed) * new_tokens / mixed_s)}
 
 
