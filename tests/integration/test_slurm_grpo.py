@@ -1,0 +1,308 @@
+"""GRPO as a heterogeneous job on the real test cluster: submit, requeue, failure, scripts.
+
+Needs `tools/slurm-test-cluster up` (make test does it); skipped when no controller answers.
+Job states are read through submitit with hpcalign's het-aware watcher, as users get them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from local_runs import QUICKSTART, TINY, checkpoint_tensors, metrics, shard_checksums
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 12
+
+
+def _controller_up() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    not _controller_up(), reason="no Slurm controller answers `sinfo` (run: tools/slurm-test-cluster up)")]
+
+
+# ---------------------------------------------------------------- helpers
+def sh(*argv: str, timeout: float = 30) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{argv}: {proc.stderr}"
+    return proc.stdout
+
+
+def hpcalign(*args: str, cwd: Path = ROOT, timeout: float = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "hpcalign.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def submit(run_dir: Path, *overrides: str) -> str:
+    out = hpcalign("submit", QUICKSTART, f"run_dir={run_dir}", *TINY, *overrides).stdout
+    match = re.search(r"submitted job (\d+)", out)
+    assert match, out
+    _SUBMITTED.append(match.group(1))
+    return match.group(1)
+
+
+def job(run_dir: Path, job_id: str):
+    from hpcalign.launch.slurm import HetSlurmJob
+
+    return HetSlurmJob(folder=run_dir / "submitit", job_id=job_id)
+
+
+def wait_done(run_dir: Path, job_id: str, timeout: float = 600) -> str:
+    """Wait through submitit (het-aware watcher) until the job is finished; its state."""
+    handle = job(run_dir, job_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle.done(force_check=True):
+            return handle.state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], timeout=30)
+    raise AssertionError(f"job {job_id} not done after {timeout} s: {handle.state}")
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(row["step"] >= step for row in metrics(run_dir)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {run_dir} within {timeout} s")
+
+
+def wait_restart(job_id: str, restarts: int, timeout: float = 180) -> None:
+    """Until Slurm runs the job again with SLURM_RESTART_COUNT = restarts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                             text=True, timeout=30).stdout
+        if f"Restarts={restarts}" in out and "JobState=RUNNING" in out:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not restart ({restarts}) within {timeout} s")
+
+
+def sacct_components(job_id: str) -> dict[str, dict[str, str]]:
+    out = sh("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,Partition,State,NodeList")
+    return {r[0]: {"partition": r[1], "state": r[2], "nodes": r[3]}
+            for r in (line.split("|") for line in out.splitlines() if line)}
+
+
+def step_line(job_id: str, step_id: str) -> str:
+    """What Slurm recorded as the srun command line of a job step."""
+    out = sh("sacct", "-n", "-P", "-j", job_id, "-o", "JobID,SubmitLine")
+    lines = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return lines[step_id]
+
+
+def rank_pids(role: str, run_dir: Path) -> list[int]:
+    """The Python processes of one role of a run (not the srun that names them too)."""
+    out = subprocess.run(["pgrep", "-f", "--", f"--role {role} {run_dir}"], capture_output=True,
+                         text=True, timeout=10)
+    pids = []
+    for pid in map(int, out.stdout.split()):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("python"):
+            pids.append(pid)
+    return pids
+
+
+_SUBMITTED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftovers():
+    """A failing test must not leave its job running on the shared test cluster."""
+    before = len(_SUBMITTED)
+    yield
+    for job_id in _SUBMITTED[before:]:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """An uninterrupted TINY run through `hpcalign submit` (shared by several tests)."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "reference"
+    job_id = submit(run_dir, f"trainer.steps={STEPS}")
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    return run_dir, job_id
+
+
+# ---------------------------------------------------------------- tests
+def test_reference_run_is_a_het_job_with_trainer_on_train_and_generator_on_gen(reference):
+    run_dir, job_id = reference
+    rows = sacct_components(job_id)
+    assert rows[f"{job_id}+0"]["partition"] == "train"
+    assert rows[f"{job_id}+1"]["partition"] == "gen"
+    assert {r["state"] for r in rows.values()} == {"COMPLETED"}
+    assert rows[f"{job_id}+0"]["nodes"] != rows[f"{job_id}+1"]["nodes"]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["state"] == "done" and state["step"] == STEPS
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+    status = hpcalign("status", str(run_dir), check=False)
+    assert f"job {job_id}" in status.stdout and "COMPLETED" in status.stdout, status.stdout
+
+
+def test_requeue_and_time_limit_signal_resume_bitwise(reference, tmp_path):
+    """scontrol requeue at a random step, then the time-limit warning (USR1): same result."""
+    ref_dir, _ = reference
+    run_dir = tmp_path / "preempted"
+    job_id = submit(run_dir, f"trainer.steps={STEPS}")
+    # 1) an administrator's / preemption requeue: SIGTERM now, Slurm restarts the job
+    wait_for_step(run_dir, random.Random(os.getpid()).randint(2, 4))
+    sh("scontrol", "requeue", job_id)
+    wait_restart(job_id, 1)
+    # 2) the warning `--signal=USR1@N` sends before the time limit (sent now, to the steps):
+    #    the roles checkpoint and exit, the job script requeues itself
+    wait_for_step(run_dir, 7)
+    sh("scancel", "--signal=USR1", job_id)
+    wait_restart(job_id, 2)
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+
+    outcome = json.loads((run_dir / "logs" / f"slurm-{job_id}.1-outcome.json").read_text())
+    assert outcome["action"] == "requeued" and outcome["state"] == "preempted", outcome
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
+    expected, got = checkpoint_tensors(ref_dir, STEPS), checkpoint_tensors(run_dir, STEPS)
+    assert expected.keys() == got.keys()
+    unequal = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not unequal, f"tensors differ after requeues: {unequal[:5]}"
+    assert shard_checksums(run_dir) == shard_checksums(ref_dir)
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in metrics(ref_dir)]
+    assert {int(r["restart_count"]) for r in rows} == {0, 1, 2}
+
+
+def test_max_requeues_bounds_self_requeue(tmp_path):
+    """With slurm.max_requeues=0 a time-limit warning checkpoints and ends the job."""
+    run_dir = tmp_path / "bounded"
+    job_id = submit(run_dir, "trainer.steps=200", "slurm.max_requeues=0")
+    wait_for_step(run_dir, 2)
+    sh("scancel", "--signal=USR1", job_id)
+    assert wait_done(run_dir, job_id, timeout=240) == "COMPLETED"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["state"] == "preempted"
+    outcome = json.loads((run_dir / "logs" / f"slurm-{job_id}.0-outcome.json").read_text())
+    assert outcome["action"] == "stopped"
+    assert "Restarts=0" in sh("scontrol", "-o", "show", "job", job_id)
+
+
+def test_killed_generator_fails_the_job_fast_naming_rank_and_component(tmp_path):
+    run_dir = tmp_path / "killed"
+    job_id = submit(run_dir, "trainer.steps=400")
+    wait_for_step(run_dir, 2)
+    (generator,) = rank_pids("generator", run_dir)
+    os.kill(generator, signal.SIGKILL)
+    killed = time.monotonic()
+    state = wait_done(run_dir, job_id, timeout=180)
+    took = time.monotonic() - killed
+    assert state == "FAILED", state
+    assert took < 60, f"the job outlived its dead generator by {took:.0f} s"
+    assert not rank_pids("trainer", run_dir), "trainer left running"
+    expected = "generator 0 (world rank 1) in het component 1 (gen)"
+    outcome = json.loads((run_dir / "logs" / f"slurm-{job_id}.0-outcome.json").read_text())
+    assert expected in outcome["failure"], outcome
+    status = hpcalign("status", str(run_dir), check=False)
+    assert expected in status.stdout, status.stdout
+    assert "FAILED" in status.stdout, status.stdout
+
+
+def test_checkpoint_cancel_then_resubmit_resumes(tmp_path):
+    """`hpcalign cancel --checkpoint` stops without requeue; submitting again resumes."""
+    run_dir = tmp_path / "stopped"
+    job_id = submit(run_dir, f"trainer.steps={STEPS}")
+    wait_for_step(run_dir, 3)
+    out = hpcalign("cancel", "--checkpoint", str(run_dir)).stdout
+    assert "checkpoint" in out
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "preempted"
+    assert not (run_dir / "stop-requested").exists()
+    second = submit(run_dir, f"trainer.steps={STEPS}")
+    assert second != job_id
+    assert wait_done(run_dir, second) == "COMPLETED"
+    assert [r["step"] for r in metrics(run_dir)] == list(range(STEPS))
+
+
+def test_cancel_ends_the_job(tmp_path):
+    run_dir = tmp_path / "cancelled"
+    job_id = submit(run_dir, "trainer.steps=400")
+    wait_for_step(run_dir, 1)
+    assert "cancelled" in hpcalign("cancel", str(run_dir)).stdout
+    assert wait_done(run_dir, job_id, timeout=120) == "CANCELLED"
+    assert "not queued or running" in hpcalign("cancel", str(run_dir)).stdout
+
+
+def test_hetjob_sbatch_runs_the_same_step_as_submit(reference, tmp_path):
+    """sbatch/hetjob.sbatch: same srun line as `hpcalign submit` (as Slurm recorded both)."""
+    ref_dir, ref_job = reference
+    run_dir = tmp_path / "by-hand"
+    env = dict(os.environ, HPCALIGN_PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(ROOT / "sbatch" / "hetjob.sbatch"), QUICKSTART,
+         f"run_dir={run_dir}", *TINY, f"trainer.steps={STEPS}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
+    rows = sacct_components(job_id)
+    assert rows[f"{job_id}+0"]["partition"] == "train"
+    assert rows[f"{job_id}+1"]["partition"] == "gen"
+    by_hand = step_line(job_id, f"{job_id}+0.0").replace(str(run_dir), "RUN").replace(job_id, "J")
+    submitted = step_line(ref_job, f"{ref_job}+0.0").replace(str(ref_dir), "RUN").replace(
+        ref_job, "J")
+    assert by_hand == submitted
+    # same config, same launcher shape: the same training, bit for bit
+    assert shard_checksums(run_dir) == shard_checksums(ref_dir)
+
+
+def test_colocated_sbatch_runs_in_one_component(tmp_path):
+    run_dir = tmp_path / "colocated"
+    env = dict(os.environ, HPCALIGN_PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(ROOT / "sbatch" / "colocated.sbatch"), QUICKSTART,
+         f"run_dir={run_dir}", *TINY, "trainer.steps=4"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
+    assert list(sacct_components(job_id)) == [job_id]
+
+
+@pytest.mark.timeout(2400)
+def test_submit_quickstart_unchanged_learns(tmp_path):
+    """`hpcalign submit configs/quickstart.yaml` as is (RUN_DIR relative to the cwd)."""
+    out = hpcalign("submit", QUICKSTART, cwd=tmp_path).stdout
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    run_dir = tmp_path / "runs" / "quickstart"
+    assert f"run dir: {run_dir}" in out
+    assert wait_done(run_dir, job_id, timeout=2100) == "COMPLETED"
+    rows = sacct_components(job_id)
+    assert rows[f"{job_id}+0"]["partition"] == "train"
+    assert rows[f"{job_id}+1"]["partition"] == "gen"
+    rows = metrics(run_dir)
+    assert len(rows) == 400
+    first = sum(r["reward_mean"] for r in rows[:25]) / 25
+    last = sum(r["reward_mean"] for r in rows[-25:]) / 25
+    assert last > first + 0.2, (first, last)
