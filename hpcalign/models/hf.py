@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hpcalign.errors import UserError
@@ -57,8 +58,8 @@ def load_model(path: str, dtype: str = "float32") -> tuple[torch.nn.Module, PreT
         # NOTE: the saved tokenizer.json pipeline as is; AutoTokenizer would rebuild a qwen2
         # dir's tokenizer as Qwen2Tokenizer (see hpcalign.models.tokenizer).
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load model ({err})") from err
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise UserError(f"{path}: cannot load model ({type(err).__name__}: {err})") from err
     return model.eval(), tokenizer
 
 

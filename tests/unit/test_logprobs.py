@@ -15,7 +15,6 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    torch.set_num_threads(1)
     model = build_model(ModelInit(hidden=32, layers=2, heads=4, kv_heads=4, intermediate=64,
                                   seed=11), vocab_size=44)
     for p in model.parameters():

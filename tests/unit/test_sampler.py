@@ -16,7 +16,6 @@ PROMPTS = [[1, 4, 5, 6, 40], [1, 9, 40], [1, 7, 8, 9, 10, 11, 12, 40], [1, 40]]
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     # big enough init scale that the next-token distributions are not all near-uniform
-    torch.set_num_threads(1)
     model = build_model(ModelInit(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
                                   seed=7), vocab_size=44)
     for p in model.parameters():

@@ -96,6 +96,10 @@ def test_load_model_errors_name_the_path(tmp_path):
         load_model(str(tmp_path))
     out = tmp_path / "m"
     init_model(str(out), SMALL)
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:100])  # truncated copy
+    with pytest.raises(UserError, match=f"{out}: cannot load model"):
+        load_model(str(out))
     (out / "model.safetensors").rename(out / "pytorch_model.bin")
     with pytest.raises(UserError, match="safetensors"):
         load_model(str(out))
