@@ -231,6 +231,8 @@ def plot(rows: list[Row], study_dir: Path) -> list[str]:
             ylabel="tokens/s per GPU",
             title="Scaling",
         )
+        ax.set_xticks(g, [str(x) for x in g])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(study_dir / "scaling.png", dpi=120)

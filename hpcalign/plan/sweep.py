@@ -87,6 +87,12 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
         "partition": os.environ.get("SLURM_JOB_PARTITION"),
         "overrides": spec["overrides"],
     }
+    # NOTE: the point runs on this task's node as a *local* run. Open MPI's mpiexec would
+    # otherwise read the Slurm allocation and try to start its daemons through Slurm, which
+    # hangs where NodeName differs from the host name (the test cluster's vm1/vm2 on host
+    # `vm`): "UNSUPPORTED DAEMON ERROR STATE: NO PATH TO TARGET", until the time limit.
+    os.environ.setdefault("PRTE_MCA_ras", "^slurm")
+    os.environ.setdefault("PRTE_MCA_plm", "^slurm")
     try:
         from hpcalign.config.load import load_config
         from hpcalign.launch.local import run_local
