@@ -3,8 +3,9 @@
 Candidates: colocated, and disaggregated with the generators on 1/8 … 3/4 of the GPUs in
 whole nodes; per candidate every TP (powers of two up to 2 nodes) and PP (divisors of the
 layers) for the roles on the train GPUs — which share one layout, as in verl's hybrid
-engine — and every generator TP. Each candidate is a full `make_plan`; the fastest
-feasible steps win, and each winner says what it gains over the next one.
+engine — and every generator TP. Each candidate is a full `make_plan`; the leaders then
+give the reference, reward model and critic each their own TP/PP where that helps. The
+fastest feasible steps win, and each winner says what it gains over the next one.
 """
 
 from __future__ import annotations
@@ -88,13 +89,51 @@ def candidates(cfg: PlanConfig) -> list[PlanConfig]:
     return out
 
 
+def _rank_key(plan: Plan) -> tuple[float, float, float]:
+    # ties on the step (an overlapped step bound by generation) go to the plan with more
+    # headroom on the other side, then to the lower memory peak
+    return (
+        round(plan.step_time_s, 3),
+        plan.train_side_s,
+        max(plan.peak_mem_gb.values(), default=0.0),
+    )
+
+
+def refine(cfg: PlanConfig, plan: Plan) -> tuple[PlanConfig, Plan]:
+    """Give each other train-GPU role (reference, reward, critic) its own TP/PP when that
+    ranks better, one role at a time with the others fixed (coordinate descent)."""
+    hw = hardware(cfg.hardware)
+    for role in ("reference", "critic", "reward"):
+        if role not in cfg.roles:
+            continue
+        ref = cfg.models.policy if role == "reference" else (cfg.models.reward or cfg.models.policy)
+        shape = ref.shape()
+        for tp in tp_options(shape, hw.gpus_per_node):
+            for pp in pp_options(shape):
+                layouts = cfg.layouts.model_copy(update={role: Layout(tp=tp, pp=pp)})
+                trial_cfg = cfg.model_copy(update={"layouts": layouts})
+                trial = make_plan(trial_cfg)
+                if trial.feasible and _rank_key(trial) < _rank_key(plan):
+                    cfg, plan = trial_cfg, trial
+    return cfg, plan
+
+
 def _describe(plan: Plan) -> str:
     pol = plan.role("policy")
     text = f"{plan.config['mode']}, train TP{pol.tp}·PP{pol.pp}·DP{pol.dp}"
+    for r in plan.roles:
+        if r.role not in ("policy", "generator") and (r.tp, r.pp) != (pol.tp, pol.pp):
+            text += f" ({r.role} TP{r.tp}·PP{r.pp}·DP{r.dp})"
     if "gen" in plan.pools:
         gen = plan.role("generator")
         text += f", generators {gen.dp}×TP{gen.tp} on {plan.pools['gen']} GPUs"
     return text
+
+
+def _no_phase_loss(plan: Plan, best: Plan) -> str:
+    if plan.bound_by == "sequential" and best.bound_by != "sequential":
+        return "its phases run in sequence, #1 overlaps generation with training"
+    return "ties on every phase"
 
 
 def explain(winner: Plan, other: Plan | None, behind: bool = False) -> str:
@@ -112,7 +151,7 @@ def explain(winner: Plan, other: Plan | None, behind: bool = False) -> str:
             reverse=True,
         )
         losses = [f"{p} +{d:.1f} s" for d, p in deltas[:2] if d > 0.005]
-        return f"{_describe(winner)}: {gap:.2f} s/step behind #1 ({'; '.join(losses) or 'ties on every phase'})"
+        return f"{_describe(winner)}: {gap:.2f} s/step behind #1 ({'; '.join(losses) or _no_phase_loss(winner, other)})"
     gap = other.step_time_s - winner.step_time_s
     phases = set(winner.phases_s) | set(other.phases_s)
     deltas = sorted(
@@ -124,7 +163,15 @@ def explain(winner: Plan, other: Plan | None, behind: bool = False) -> str:
         for d, p in deltas[:2]
         if d > 0.005
     ]
-    bits = "; ".join(gains) if gains else "ties on every phase; first in search order"
+    bits = (
+        "; ".join(gains)
+        if gains
+        else (
+            "overlaps generation with training (staleness ≥ 1)"
+            if winner.bound_by != "sequential" and other.bound_by == "sequential"
+            else "ties on every phase; first in search order"
+        )
+    )
     mem = max(winner.peak_mem_gb.values(), default=0.0)
     bound = (
         f"step bound by {winner.bound_by}"
@@ -139,17 +186,14 @@ def explain(winner: Plan, other: Plan | None, behind: bool = False) -> str:
 
 def search(cfg: PlanConfig, top: int = 5) -> SearchResult:
     """Plan every candidate; return the `top` fastest feasible ones with reasons."""
-    plans = [make_plan(c) for c in candidates(cfg)]
-    # ties on the step (an overlapped step bound by generation) go to the plan with more
-    # headroom on the other side, then to the lower memory peak
-    feasible = sorted(
-        (p for p in plans if p.feasible),
-        key=lambda p: (
-            round(p.step_time_s, 3),
-            p.train_side_s,
-            max(p.peak_mem_gb.values(), default=0.0),
-        ),
+    configs = candidates(cfg)
+    plans = [make_plan(c) for c in configs]
+    ranked = sorted(
+        (i for i, p in enumerate(plans) if plans[i].feasible), key=lambda i: _rank_key(plans[i])
     )
+    # the shared layout first, then each other train role refined on the leaders
+    leaders = [refine(configs[i], plans[i])[1] for i in ranked[:top]]
+    feasible = sorted(leaders + [plans[i] for i in ranked[top:]], key=_rank_key)
     failed: Counter[str] = Counter()
     for p in plans:
         if not p.feasible:
