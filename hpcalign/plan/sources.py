@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from hpcalign.errors import ConfigError
-from hpcalign.plan.spec import PlanConfig, parse_plan, read_yaml, set_dotted
+from hpcalign.plan.spec import PlanConfig, parse_plan, read_yaml, resolve_model_paths, set_dotted
 from hpcalign.plan.study import Study, load_study
 
 
@@ -108,6 +108,7 @@ def load_input(
     if kind == "run":
         return kind, plan_from_run_config(path, overrides, hardware)
     apply_overrides(data, overrides)
+    resolve_model_paths(data, Path(path).parent)
     if hardware:
         data["hardware"] = hardware
     return kind, parse_plan(data, path)

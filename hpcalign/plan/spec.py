@@ -233,6 +233,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def resolve_model_paths(data: dict[str, Any], base_dir: Path) -> None:
+    """Make relative `models.*.hf_config` paths relative to the file that names them (when
+    they do not exist relative to the working directory)."""
+    models = data.get("models")
+    if not isinstance(models, dict):
+        return
+    for ref in models.values():
+        if isinstance(ref, dict) and isinstance(ref.get("hf_config"), str):
+            path = Path(ref["hf_config"])
+            if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
+                ref["hf_config"] = str((base_dir / path).resolve())
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """`data["a"]["b"] = value` for key "a.b", creating mappings on the way."""
     parts = key.split(".")

@@ -34,6 +34,7 @@ from hpcalign.plan.spec import (
     format_validation_error,
     parse_plan,
     read_yaml,
+    resolve_model_paths,
     set_dotted,
 )
 
@@ -112,6 +113,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
                 f"override {item!r} is not of the form key=value (e.g. plan.gpus=1024)"
             )
         set_dotted(data, key, yaml.safe_load(raw))
+    if isinstance(data.get("plan"), dict):
+        resolve_model_paths(data["plan"], Path(path).parent)
     try:
         study = Study.model_validate(data)
     except ValidationError as err:

@@ -118,3 +118,30 @@ def test_sweep_plan_only_then_report(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "report.md").exists() and (tmp_path / "study.yaml").exists()
     assert main(["report", str(tmp_path)]) == 0
     assert "0 measured" in (tmp_path / "report.md").read_text()
+
+
+def test_plan_reads_hf_config_relative_to_the_plan_file(tmp_path: Path, monkeypatch) -> None:
+    model = tmp_path / "cfg" / "my-70b"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 8192,
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "intermediate_size": 28672,
+                "vocab_size": 32000,
+            }
+        )
+    )
+    plan_file = tmp_path / "cfg" / "plan.yaml"
+    plan_file.write_text(
+        "gpus: 64\ngenerator_gpus: 16\nmodels: {policy: {hf_config: my-70b}}\n"
+        "layouts: {policy: {tp: 8, pp: 2}, generator: {tp: 4}}\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the path is relative to the plan file, not to here
+    assert main(["plan", str(plan_file), "--out", str(tmp_path / "out")]) == 0
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())["plan"]
+    assert plan["feasible"] and plan["roles"][0]["params"] == 68_976_648_192
