@@ -330,6 +330,8 @@ def cancel_run(run_dir: str, checkpoint: bool = False) -> str:
     state = _live_state(job_id)
     if state is None:
         return f"job {job_id} is not queued or running; nothing to cancel"
+    if state == "COMPLETING":
+        return f"job {job_id} is already ending (COMPLETING); nothing to cancel"
     if checkpoint:
         Path(run_dir, "stop-requested").write_text(f"{time.time()}\n")
         run_slurm(["scancel", "--signal=USR1", job_id])

@@ -249,7 +249,7 @@ def test_cancel_ends_the_job(tmp_path):
     wait_for_step(run_dir, 1)
     assert "cancelled" in hpcalign("cancel", str(run_dir)).stdout
     assert wait_done(run_dir, job_id, timeout=120) == "CANCELLED"
-    assert "not queued or running" in hpcalign("cancel", str(run_dir)).stdout
+    assert "nothing to cancel" in hpcalign("cancel", str(run_dir)).stdout
 
 
 def test_hetjob_sbatch_runs_the_same_step_as_submit(reference, tmp_path):
