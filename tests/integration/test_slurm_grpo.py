@@ -306,3 +306,32 @@ def test_submit_quickstart_unchanged_learns(tmp_path):
     first = sum(r["reward_mean"] for r in rows[:25]) / 25
     last = sum(r["reward_mean"] for r in rows[-25:]) / 25
     assert last > first + 0.2, (first, last)
+
+
+def test_rollout_array_sbatch_runs_every_slice(reference, tmp_path):
+    """sbatch/rollout-array.sbatch: one array task per prompt slice, all complete."""
+    help_text = hpcalign("rollout", "--help", check=False)
+    if help_text.returncode != 0 or "--shard-index" not in help_text.stdout:
+        pytest.skip("`hpcalign rollout` with --shard-index/--num-shards is not there yet "
+                    "(the interface sbatch/rollout-array.sbatch calls)")
+    ref_dir, _ = reference
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["abc", "hello", "slurm", "gpu", "array", "tasks", "mpi", "shard"]
+    prompts.write_text("".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n"
+                               for w in words))
+    out = tmp_path / "rollouts"
+    env = dict(os.environ, HPCALIGN_PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", str(ROOT / "sbatch" / "rollout-array.sbatch"),
+         str(ref_dir / "checkpoints" / f"step-{STEPS:06d}"), str(prompts), str(out)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    array_id = proc.stdout.strip()
+    _SUBMITTED.append(array_id)
+    deadline = time.monotonic() + 600
+    while sh("squeue", "-h", "-j", array_id).strip():
+        assert time.monotonic() < deadline, "rollout array still running"
+        time.sleep(1)
+    rows = sh("sacct", "-X", "-n", "-P", "-j", array_id, "-o", "JobID,State").split()
+    assert len(rows) == 2 and all(r.endswith("|COMPLETED") for r in rows), rows
+    assert any(out.rglob("*.h5")), list(out.rglob("*"))
