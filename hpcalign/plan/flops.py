@@ -150,33 +150,37 @@ def generate_time(
     kv: KVPlan,
     prompt_tokens: int,
     response_tokens: int,
+    pp: int = 1,
 ) -> PhaseTime:
     """Generation of one engine's sequences (engines run in parallel, so this is the phase).
 
-    Prefill is compute-bound: 2·N·prompt per sequence at matmul efficiency. Each decode
-    step is the slower of its compute (2·N + attention per resident sequence) and its
-    reads: the engine's weight shard once plus the KV cache of the resident sequences,
-    at `hbm_efficiency` of HBM bandwidth (the memory-bound regime of decoding). Every
-    sequence is assumed to run to `response_tokens` (the worst case, which sets the step
-    when sampling is synchronous). Each layer adds 2 latency-bound TP all-reduces per
-    decode step. A MoE engine reads all experts (true once the batch is large).
+    Prefill is compute-bound: 2·N·prompt per sequence at matmul efficiency over tp·pp GPUs,
+    plus 2 TP all-reduces of the prompt activations per layer. Each decode round (every
+    resident sequence advances one token) is the slower of its compute and its reads: the
+    weight shard plus the resident sequences' KV cache at `hbm_efficiency` of HBM
+    bandwidth (the memory-bound regime of decoding), plus 2 latency-bound TP all-reduces per
+    layer. With pp stages the engine keeps pp micro-batches in flight (vLLM's virtual
+    engines), so the pipeline stays full but each stage reads its weights once per
+    micro-batch: a round reads pp · W/(tp·pp) = W/tp per GPU — PP saves memory and
+    cross-node all-reduces, not weight reads. Stage boundaries send the hidden states over
+    the network. Every sequence runs to `response_tokens` (synchronous sampling waits for
+    the longest). A MoE engine reads all experts (true once the batch is large).
     """
     if kv.waves == 0:
         return PhaseTime()
     rate = hw.peak_flops * hw.matmul_efficiency
-    prefill_flops = (
-        kv.sequences * prompt_tokens * forward_flops_per_token(shape, counts, prompt_tokens)
-    )
-    prefill = prefill_flops / tp / rate
-    prefill_comm = (
-        2
-        * shape.layers
-        * ring_s(kv.sequences * prompt_tokens * shape.hidden * 2, tp, hw.link_gbps(tp))
-    )
+    gpus = tp * pp
+    tokens = kv.sequences * prompt_tokens
+    prefill = tokens * forward_flops_per_token(shape, counts, prompt_tokens) / gpus / rate
+    layers = math.ceil(shape.layers / pp)
+    prefill_comm = 2 * layers * ring_s(tokens * shape.hidden * 2, tp, hw.link_gbps(tp))
+    pp_comm = 0.0
+    if pp > 1:  # each boundary sends every prompt token's hidden state once
+        pp_comm = tokens * shape.hidden * 2 / (hw.link_gbps(2, stride=tp) * 1e9)
     context = prompt_tokens + response_tokens / 2  # mean over the decode
-    step_compute = kv.concurrent * decode_flops_per_token(shape, counts, context) / tp / rate
-    weights = params_per_gpu(counts, tp, 1) * 2
-    kv_read = kv.concurrent * context * kv_bytes_per_token(shape, tp)
+    step_compute = kv.concurrent * decode_flops_per_token(shape, counts, context) / gpus / rate
+    weights = params_per_gpu(counts, tp, pp) * 2 * pp
+    kv_read = kv.concurrent * context * kv_bytes_per_token(shape, tp, pp=pp)
     step_memory = (weights + kv_read) / (hw.hbm_gbps * 1e9 * hw.hbm_efficiency)
     latency = 2 * shape.layers * hw.collective_latency_us * 1e-6 if tp > 1 else 0.0
     steps = kv.waves * response_tokens
@@ -193,15 +197,22 @@ def generate_time(
     return PhaseTime(
         compute_s=prefill + decode_compute,
         tp_comm_s=prefill_comm + steps * latency,
+        pp_comm_s=pp_comm,
         memory_s=decode_memory,
         model_flops=model_flops,
     )
 
 
 def sync_time(
-    counts: ParamCount, hw: Hardware, train_tp: int, train_pp: int, gen_tp: int, colocated: bool
+    counts: ParamCount,
+    hw: Hardware,
+    train_tp: int,
+    train_pp: int,
+    gen_tp: int,
+    colocated: bool,
+    gen_pp: int = 1,
 ) -> float:
-    """Weight sync: every generator GPU receives its bf16 shard 2·N/tp_gen.
+    """Weight sync: every generator GPU receives its bf16 shard 2·N/(tp_gen·pp_gen).
 
     One trainer replica sends its shards (2·N/(tp·pp) per GPU) and NCCL broadcasts them
     pipelined, so the time is set by the larger of one GPU's send and one GPU's receive at
@@ -210,7 +221,7 @@ def sync_time(
     """
     gbps = hw.intra_gbps if colocated else hw.inter_gbps
     total = counts.total * 2
-    return max(total / gen_tp, total / (train_tp * train_pp)) / (gbps * 1e9)
+    return max(total / (gen_tp * gen_pp), total / (train_tp * train_pp)) / (gbps * 1e9)
 
 
 def offload_time(bytes_per_gpu: float, hw: Hardware) -> float:

@@ -139,14 +139,16 @@ def forward_activation_bytes(shape: ModelShape, seq: int, micro_batch: int, tp: 
     return per_layer + logits_bytes(shape, seq, micro_batch, tp)
 
 
-def kv_bytes_per_token(shape: ModelShape, tp: int, bytes_per_elem: float = 2.0) -> float:
-    """KV cache per token on one GPU: 2 (K and V) · L · ceil(n_kv/t) · d_head · bytes.
+def kv_bytes_per_token(
+    shape: ModelShape, tp: int, bytes_per_elem: float = 2.0, pp: int = 1
+) -> float:
+    """KV cache per token on one GPU: 2 (K and V) · ceil(L/pp) · ceil(n_kv/t) · d_head · bytes.
 
     KV heads split over TP; when TP exceeds the KV heads each GPU keeps a replica of one
-    head (vLLM does the same), hence the ceil.
+    head (vLLM does the same), hence the ceil. A pipeline stage caches its own layers.
     """
     kv_heads = math.ceil(shape.kv_heads / tp)
-    return 2 * shape.layers * kv_heads * shape.d_head * bytes_per_elem
+    return 2 * math.ceil(shape.layers / pp) * kv_heads * shape.d_head * bytes_per_elem
 
 
 def kv_tokens(prompt_tokens: int, response_tokens: int, block_tokens: int = 16) -> int:
@@ -179,10 +181,11 @@ def kv_plan(
     response_tokens: int,
     free_bytes: float,
     block_tokens: int = 16,
+    pp: int = 1,
 ) -> KVPlan:
     """Concurrency of one engine: all its sequences at once if the cache holds them, else
     in waves of as many as fit (vLLM's scheduler preempts beyond that; waves model it)."""
-    per_seq = kv_bytes_per_token(shape, tp) * kv_tokens(
+    per_seq = kv_bytes_per_token(shape, tp, pp=pp) * kv_tokens(
         prompt_tokens, response_tokens, block_tokens
     )
     fit = int(max(free_bytes, 0) // per_seq)

@@ -163,7 +163,7 @@ def _role_memory(
     counts = count_params(shape)
     tr, b = cfg.training, cfg.batch
     if rp.role == "generator":
-        weights = memory.params_per_gpu(counts, rp.tp, 1) * 2
+        weights = memory.params_per_gpu(counts, rp.tp, rp.pp) * 2
         free = (
             hw.mem_bytes * cfg.generation.gpu_memory_utilization
             - weights
@@ -178,6 +178,7 @@ def _role_memory(
             b.response_tokens,
             free,
             cfg.generation.block_tokens,
+            pp=rp.pp,
         )
         rp.memory_gb = {
             "weights": weights / GB,
@@ -190,6 +191,7 @@ def _role_memory(
             rp.reasons.append(
                 f"generator: OOM — one sequence needs {kv.bytes_per_seq / GB:.2f} GB of KV cache, "
                 f"{max(free, 0) / GB:.1f} GB free after {weights / GB:.1f} GB of weights at TP {rp.tp}"
+                + (f" × PP {rp.pp}" if rp.pp > 1 else "")
             )
         elif kv.waves > 1:
             rp.notes.append(
@@ -270,8 +272,6 @@ def make_plan(cfg: PlanConfig, base_dir: Path | None = None) -> Plan:
             lay.vpp,
         )
         rp.reasons = layout_reasons(shape, lay.tp, lay.pp, lay.vpp, pool, role) if pool else []
-        if role == "generator" and lay.pp > 1:
-            rp.reasons.append("generator: engines run with pp=1 (set layouts.generator.pp: 1)")
         if rp.dp > samples:
             rp.reasons.append(f"{role}: DP {rp.dp} exceeds the {samples} sequences per step")
         plan.roles.append(rp)
@@ -323,7 +323,7 @@ def _times(
         counts = count_params(shape)
         if rp.role == "generator":
             phase = flops.generate_time(
-                shape, counts, hw, rp.tp, rp.dp, rp.kv, b.prompt_tokens, b.response_tokens
+                shape, counts, hw, rp.tp, rp.dp, rp.kv, b.prompt_tokens, b.response_tokens, rp.pp
             )
             rp.time.update(phase.as_dict())
             plan.phases_s["generate"] = phase.total_s
@@ -381,7 +381,13 @@ def _times(
     if "generator" in cfg.roles:
         gen_rp, pol = plan.role("generator"), plan.role("policy")
         plan.phases_s["weight_sync"] = flops.sync_time(
-            count_params(shapes["policy"]), hw, pol.tp, pol.pp, gen_rp.tp, cfg.mode == "colocated"
+            count_params(shapes["policy"]),
+            hw,
+            pol.tp,
+            pol.pp,
+            gen_rp.tp,
+            cfg.mode == "colocated",
+            gen_rp.pp,
         )
     sync = plan.phases_s.get("weight_sync", 0.0)
     overlap = cfg.mode == "disaggregated" and cfg.staleness >= 1

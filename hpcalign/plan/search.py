@@ -3,7 +3,7 @@
 Candidates: colocated, and disaggregated with the generators on 1/8 … 3/4 of the GPUs in
 whole nodes; per candidate every TP (powers of two up to 2 nodes) and PP (divisors of the
 layers) for the roles on the train GPUs — which share one layout, as in verl's hybrid
-engine — and every generator TP. Each candidate is a full `make_plan`; the leaders then
+engine — and every generator TP × PP (1, 2, 4). Each candidate is a full `make_plan`; the leaders then
 give the reference, reward model and critic each their own TP/PP where that helps. The
 fastest feasible steps win, and each winner says what it gains over the next one.
 """
@@ -20,6 +20,7 @@ from hpcalign.plan.shapes import ModelShape
 from hpcalign.plan.spec import Layout, Layouts, PlanConfig
 
 GENERATOR_SHARES = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+GENERATOR_PP = (1, 2, 4)  # engines span at most a few nodes
 
 
 @dataclass
@@ -62,7 +63,10 @@ def candidates(cfg: PlanConfig) -> list[PlanConfig]:
     modes: list[tuple[str, int]] = [("colocated", 0)]
     if "generator" in cfg.roles:
         modes += [("disaggregated", g) for g in generator_splits(cfg.gpus, hw.gpus_per_node)]
-    gen_tps = tp_options(shape, hw.gpus_per_node) if "generator" in cfg.roles else [1]
+    gen_layouts = [(1, 1)]
+    if "generator" in cfg.roles:
+        gen_pps = [p for p in GENERATOR_PP if shape.layers % p == 0]
+        gen_layouts = [(t, p) for t in tp_options(shape, hw.gpus_per_node) for p in gen_pps]
     out = []
     for mode, gen_gpus in modes:
         if "generator" not in cfg.roles and mode == "disaggregated":
@@ -72,18 +76,16 @@ def candidates(cfg: PlanConfig) -> list[PlanConfig]:
             for pp in pp_options(shape):
                 if train_gpus % (tp * pp):
                     continue
-                for gen_tp in gen_tps:
+                for gen_tp, gen_pp in gen_layouts:
                     gen_pool = gen_gpus or cfg.gpus
-                    if gen_pool % gen_tp:
+                    if gen_pool % (gen_tp * gen_pp):
                         continue
-                    layouts = Layouts(policy=Layout(tp=tp, pp=pp), generator=Layout(tp=gen_tp))
+                    layouts = Layouts(
+                        policy=Layout(tp=tp, pp=pp), generator=Layout(tp=gen_tp, pp=gen_pp)
+                    )
                     out.append(
                         cfg.model_copy(
-                            update={
-                                "mode": mode,
-                                "generator_gpus": gen_gpus,
-                                "layouts": layouts,
-                            }
+                            update={"mode": mode, "generator_gpus": gen_gpus, "layouts": layouts}
                         )
                     )
     return out
@@ -126,7 +128,8 @@ def _describe(plan: Plan) -> str:
             text += f" ({r.role} TP{r.tp}·PP{r.pp}·DP{r.dp})"
     if "gen" in plan.pools:
         gen = plan.role("generator")
-        text += f", generators {gen.dp}×TP{gen.tp} on {plan.pools['gen']} GPUs"
+        pp = f"·PP{gen.pp}" if gen.pp > 1 else ""
+        text += f", generators {gen.dp}×TP{gen.tp}{pp} on {plan.pools['gen']} GPUs"
     return text
 
 

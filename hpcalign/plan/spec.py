@@ -86,7 +86,7 @@ class Layout(Section):
     """Parallel degrees of one role; dp follows from the role's GPUs / (tp·pp)."""
 
     tp: int = Field(1, ge=1, description="Tensor parallel size.")
-    pp: int = Field(1, ge=1, description="Pipeline parallel size (generators: 1).")
+    pp: int = Field(1, ge=1, description="Pipeline parallel size.")
     vpp: int = Field(1, ge=1, description="Virtual pipeline stages per GPU (interleaved 1F1B).")
 
 

@@ -83,7 +83,7 @@ def test_run_config_is_planned_as_its_run(tmp_path: Path) -> None:
 def test_study_is_planned_point_by_point(tmp_path: Path) -> None:
     assert main(["plan", str(ROOT / "configs/study-300b.yaml"), "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "plan.json").read_text())
-    assert data["study"] == "study-300b" and len(data["points"]) == 128
+    assert data["study"] == "study-300b" and len(data["points"]) == 256
     assert "best planned on 1024 GPUs" in (tmp_path / "plan.md").read_text()
 
 

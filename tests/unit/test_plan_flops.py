@@ -67,11 +67,28 @@ def test_decode_is_memory_bound_at_small_batch() -> None:
     assert t.memory_s > 10 * t.compute_s
 
 
+def test_generator_pipeline_saves_memory_not_weight_reads() -> None:
+    # PP 2 halves the weights and KV cache per GPU, but with 2 micro-batches in flight each
+    # stage reads its half once per micro-batch: a memory-bound decode round costs the same
+    shape, hw = preset("llama2-7b"), hardware("h100-80g")
+    counts = count_params(shape)
+    kv1 = kv_plan(shape, 1, 4, 16, 100, free_bytes=40e9)
+    kv2 = kv_plan(shape, 1, 4, 16, 100, free_bytes=40e9, pp=2)
+    assert kv2.bytes_per_seq == kv1.bytes_per_seq / 2
+    one = generate_time(shape, counts, hw, 1, 1, kv1, 16, 100)
+    two = generate_time(shape, counts, hw, 1, 1, kv2, 16, 100, pp=2)
+    assert two.total_s == pytest.approx(one.total_s, rel=0.05)
+    assert two.pp_comm_s > 0 and one.pp_comm_s == 0
+
+
 def test_weight_sync_by_hand() -> None:
     counts = count_params(preset("llama2-70b"))
     hw = hardware("h100-80g")
     got = sync_time(counts, hw, train_tp=8, train_pp=2, gen_tp=4, colocated=False)
     assert got == pytest.approx(counts.total * 2 / 4 / 50e9)
+    # a generator TP 4 × PP 2 receives half as much per GPU; then the trainer side (/16) sets it
+    got = sync_time(counts, hw, train_tp=8, train_pp=2, gen_tp=4, colocated=False, gen_pp=2)
+    assert got == pytest.approx(counts.total * 2 / 8 / 50e9)
 
 
 def _mfu(shape, hw_name, tp, pp, dp, batch, seq, recompute, vpp=1) -> tuple[float, float]:

@@ -66,7 +66,7 @@ def test_staleness_overlaps_generation_with_training() -> None:
         ({"policy": {"tp": 3}}, "TP 3 does not divide the 32 attention heads"),
         ({"policy": {"pp": 5}}, "PP 5 does not divide the 32 layers"),
         ({"policy": {"tp": 4, "pp": 4}}, "TP·PP = 16 does not divide its 8 GPUs"),
-        ({"generator": {"pp": 2}}, "engines run with pp=1"),
+        ({"generator": {"pp": 3}}, "generator: PP 3 does not divide the 32 layers"),
     ],
 )
 def test_infeasible_layouts_say_why(layouts: dict, needle: str) -> None:
