@@ -2,7 +2,7 @@
 
 CONFIG is a plan config (`configs/plan-70b.yaml`), a study (`configs/study-300b.yaml`:
 every grid point is planned) or an hpcalign run config (the GRPO run it describes).
-Prints a table, and writes `plan.json` and `plan.md` to --out (default plans/NAME).
+Prints a table, and writes `plan.json` and `plan.md` to --out (default runs/plans/NAME).
 
   hpcalign plan configs/plan-70b.yaml
   hpcalign plan --preset llama3-405b --gpus 1024 --search
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="accelerator kind: a100-80g, h100-80g, h200-141g, mi300x, cpu")
     p.add_argument("--search", action="store_true", help="enumerate layouts, print the best few")
     p.add_argument("--top", type=int, default=5, help="with --search: how many to print")
-    p.add_argument("--out", help="directory for plan.json and plan.md (default plans/NAME)")
+    p.add_argument("--out", help="directory for plan.json and plan.md (default runs/plans/NAME)")
     return p
 
 
@@ -93,11 +93,11 @@ def main(argv: list[str]) -> int:
         kind, parsed = load_input(paths[0], overrides, args.gpu)
         name = Path(paths[0]).stem
         if isinstance(parsed, Study):
-            return _plan_study(parsed, Path(args.out or f"plans/{name}"), args.gpu, args.gpus)
+            return _plan_study(parsed, Path(args.out or f"runs/plans/{name}"), args.gpu, args.gpus)
         cfg = parsed
     if args.gpus:
         cfg = parse_plan({**cfg.model_dump(), "gpus": args.gpus}, "--gpus")
-    out = Path(args.out or f"plans/{name}")
+    out = Path(args.out or f"runs/plans/{name}")
     result = search(cfg, top=args.top) if args.search else None
     plan = result.best[0] if result and result.best else make_plan(cfg)
     print(plan_text(plan))

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hpcalign sweep", description=HELP)
     p.add_argument("study", help="study YAML (configs/study-*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value on the study, e.g. measure.steps=3")
-    p.add_argument("--out", help="study directory (default studies/NAME)")
+    p.add_argument("--out", help="study directory (default runs/studies/NAME)")
     p.add_argument("--plan-only", action="store_true", help="plan and report, submit nothing")
     p.add_argument("--no-wait", action="store_true", help="submit and return; report later")
     p.add_argument(
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     study_file = Path(args.study)
     study = load_study(study_file, args.overrides)
-    study_dir = Path(args.out or f"studies/{study.name}")
+    study_dir = Path(args.out or f"runs/studies/{study.name}")
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "study.yaml").write_text(yaml.safe_dump(study.model_dump(), sort_keys=False))
     rows = plan_points(study)

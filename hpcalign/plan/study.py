@@ -66,7 +66,7 @@ class Measure(Section):
 class Study(Section):
     """The study file `hpcalign sweep` and `hpcalign plan` read."""
 
-    name: str = Field(..., description="Study name; the default output dir is studies/NAME.")
+    name: str = Field(..., description="Study name; the default output dir is runs/studies/NAME.")
     plan: dict[str, Any] = Field(..., description="The base plan config.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Plan key -> values.")
     measure: Measure | None = Field(None, description="Run the measurable points (else plan only).")
