@@ -21,10 +21,11 @@ def _fmt_params(n: int) -> str:
 
 
 def role_rows(plan: Plan) -> list[list[str]]:
-    """One row per role: layout, memory by kind (GB/GPU), phase seconds."""
+    """One row per role: layout, memory by kind (GB/GPU), model PFLOP and seconds per step."""
     rows = []
     for r in plan.roles:
         phase = r.time.get("total_s", 0.0) + r.time.get("forward_total_s", 0.0)
+        pflop = (r.time.get("model_flops", 0.0) + r.time.get("forward_model_flops", 0.0)) / 1e15
         rows.append(
             [
                 r.role,
@@ -34,6 +35,7 @@ def role_rows(plan: Plan) -> list[list[str]]:
                 f"{r.tp}/{r.pp}/{r.dp}",
                 *(_gb(r.memory_gb.get(k, 0.0)) for k in MEMORY_KINDS),
                 _gb(r.peak_gb),
+                f"{pflop:.4g}" if pflop else "-",
                 f"{phase:.2f}" if phase else "-",
             ]
         )
@@ -53,6 +55,7 @@ ROLE_HEADER = [
     "work",
     "KV",
     "peak GB",
+    "PFLOP",
     "time s",
 ]
 
