@@ -143,7 +143,8 @@ def _scaled(phase: flops.PhaseTime, times: int) -> dict[str, float]:
     return {k: v * times if k != "microbatches" else v for k, v in phase.as_dict().items()}
 
 
-def _pools(cfg: PlanConfig) -> tuple[dict[str, int], list[str]]:
+def pools_of(cfg: PlanConfig) -> tuple[dict[str, int], list[str]]:
+    """GPUs of the train and generator pools (the same GPUs when colocated), and why not."""
     if "generator" not in cfg.roles:
         return {"train": cfg.gpus}, []
     if cfg.mode == "colocated":
@@ -246,7 +247,7 @@ def make_plan(cfg: PlanConfig, base_dir: Path | None = None) -> Plan:
     hw = hardware(cfg.hardware)
     policy_shape = cfg.models.policy.shape(base_dir)
     reward_shape = cfg.models.reward.shape(base_dir) if cfg.models.reward else policy_shape
-    pools, reasons = _pools(cfg)
+    pools, reasons = pools_of(cfg)
     b = cfg.batch
     samples = b.prompts * 2 if cfg.algorithm == "dpo" else b.samples
     plan = Plan(cfg.model_dump(), hw.name, cfg.gpus, pools, [], reasons)

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from hpcalign.config.base import Section
 from hpcalign.errors import ConfigError
+from hpcalign.plan.planner import pools_of
 from hpcalign.plan.shapes import count_params
 from hpcalign.plan.spec import (
     PlanConfig,
@@ -166,11 +167,11 @@ def run_overrides(study: Study, point: Point, run_dir: str) -> list[str]:
     """`key=value` overrides that make the measure run config run this point."""
     assert study.measure is not None
     cfg, b = point.config, point.config.batch
-    gen_gpus = cfg.generator_gpus or max(1, cfg.gpus // 4)
+    pools, _ = pools_of(cfg)
     out = [
         f"run_dir={run_dir}",
-        f"trainer.ranks={cfg.gpus - gen_gpus}",
-        f"generator.ranks={gen_gpus}",
+        f"trainer.ranks={pools['train']}",
+        f"generator.ranks={pools['gen']}",
         f"generator.prompts_per_step={b.prompts}",
         f"generator.samples_per_prompt={b.samples_per_prompt}",
         f"generator.max_new_tokens={b.response_tokens}",
