@@ -51,7 +51,7 @@ def init_distributed(control: Control, run_dir: str, backend: str, timeout_s: fl
         for rank in range(1, comm.Get_size()):
             control.send(address, dest=rank, tag=TAG_RENDEZVOUS)
     else:
-        address = control.recv(0, TAG_RENDEZVOUS, "the torch.distributed address")
+        address = control.recv(0, TAG_RENDEZVOUS, "the torch.distributed address", timeout_s)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(

@@ -119,6 +119,9 @@ class CommConfig(Section):
     """Control plane (MPI) and data plane (torch.distributed) settings."""
 
     timeout_s: float = Field(300, gt=0, description="Longest wait for any peer before failing.")
+    startup_timeout_s: float = Field(
+        1800, gt=0, description="Longest wait at start-up (model loading, SFT warm-up, resume)."
+    )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="Weight-sync backend (auto: nccl with GPUs, else gloo)."
     )

@@ -9,18 +9,21 @@ a dead rank into one clear line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 
 from hpcalign.config.schema import Config
 from hpcalign.errors import UserError
-from hpcalign.launch.rundir import read_json, write_run_dir
+from hpcalign.launch.rundir import atomic_write_text, read_json, write_run_dir
 from hpcalign.plan.placement import compute_placement
 
 ROLE_MODULE = "hpcalign.roles.main"
@@ -70,13 +73,26 @@ def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
     if records:
         first = min(records, key=lambda r: r.get("time", 0))
         return f"{first['role']} on {first['host']} failed: {first['error']}"
-    match = _DEAD_RANK.search(output_tail)
+    match = _DEAD_RANK.search(" ".join(output_tail.split()))  # mpiexec wraps its lines
     if match:
         rank = int(match.group(1))
         trainers = cfg_plan.get("trainer", {}).get("ranks", 0)
         role = (f"trainer {rank}" if rank < trainers else f"generator {rank - trainers}")
         return f"{role} (world rank {rank}) died: {match.group(2).strip()}"
     return f"mpiexec exited with status {returncode} without naming a rank; see {run_dir}/logs"
+
+
+def _stop_with_parent() -> None:
+    """In the mpiexec child: get SIGTERM if the launcher dies, so the job never outlives it
+    unnoticed (the ranks treat SIGTERM as "checkpoint and stop")."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the job just outlives the launcher
+        pass
 
 
 def run_local(cfg: Config) -> int:
@@ -93,7 +109,7 @@ def run_local(cfg: Config) -> int:
     if sys.stderr.isatty():
         env.setdefault("HPCALIGN_FORCE_PROGRESS", "1")
     proc = subprocess.Popen(argv, env=env, stdout=None, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_stop_with_parent)
     tail: deque[str] = deque(maxlen=400)
 
     def _pump() -> None:  # forward stderr as it comes (progress bars use \r) and keep a tail
@@ -129,6 +145,19 @@ def run_local(cfg: Config) -> int:
         word = "finished" if state["state"] == "done" else "stopped (resume: run it again)"
         print(f"hpcalign: run {word} at step {state['step']}: {run_dir}", file=sys.stderr)
         return 0
-    print(f"hpcalign: run failed: {explain_failure(run_dir, ''.join(tail), returncode)}",
-          file=sys.stderr)
+    reason = explain_failure(run_dir, "".join(tail), returncode)
+    record_launcher_failure(run_dir, reason)
+    print(f"hpcalign: run failed: {reason}", file=sys.stderr)
     return returncode or 1
+
+
+def record_launcher_failure(run_dir: str, reason: str) -> None:
+    """Keep the launcher's explanation in RUN_DIR/errors so `status` shows it later.
+
+    A rank killed by a signal cannot write its own record; the launcher saw it die.
+    """
+    path = os.path.join(run_dir, "errors", "launcher.json")
+    if os.path.exists(path) or any(n.startswith("rank-") for n in os.listdir(os.path.dirname(path))):
+        return
+    atomic_write_text(path, json.dumps({"rank": None, "role": "launcher", "host": socket.gethostname(),
+                                        "error": reason, "time": time.time()}) + "\n")

@@ -16,6 +16,10 @@ def ensure_model(cfg: Config) -> None:
     if cfg.model.init is None:
         raise UserError(f"model.path='{path}' holds no HF model (config.json) and model.init "
                         f"is not set; run `hpcalign init-model {path}` or set model.init")
+    import transformers
+
     from hpcalign.models.tiny import init_model
+
+    transformers.utils.logging.disable_progress_bar()
 
     init_model(path, cfg.model.init)

@@ -24,21 +24,29 @@ class RoleContext:
     rank: int
     sync_group: dist.ProcessGroup | None  # trainer 0 + all generators
     trainer_group: dist.ProcessGroup | None  # all trainers
-    stop_signal: list[int] = field(default_factory=list)  # signals received, newest last
+    stop_signal: list[int] = field(default_factory=lambda: STOP_SIGNALS)  # newest last
 
     @property
     def host(self) -> str:
         return socket.gethostname()
 
-    def install_stop_handlers(self) -> None:
-        """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (requeue/preemption)
-        only set a flag: the trainers act on it at the next step boundary."""
 
-        def _handler(signum: int, _frame: object) -> None:
-            self.stop_signal.append(signum)
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, _handler)
+# Signals received by this process, newest last (module level: installed before anything
+# else in the rank entry, so a signal during start-up is not lost).
+STOP_SIGNALS: list[int] = []
+
+
+def install_stop_handlers() -> None:
+    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (requeue/preemption)
+    only set a flag: the trainers act on it at the next step boundary; generators wait
+    for the trainers' "stop"."""
+
+    def _handler(signum: int, _frame: object) -> None:
+        STOP_SIGNALS.append(signum)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _handler)
 
 
 def shard_seed(seed: int, step: int, generator_rank: int) -> int:

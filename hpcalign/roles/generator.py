@@ -38,17 +38,16 @@ class Generator:
         self.version = -1
         self.bos = self.tokenizer.convert_tokens_to_ids("<bos>")
 
-    def _next_control(self, what: str) -> dict:
-        message = self.ctx.control.recv(0, TAG_CONTROL, what)
+    def _next_control(self, what: str, timeout_s: float | None = None) -> dict:
+        message = self.ctx.control.recv(0, TAG_CONTROL, what, timeout_s)
         if message["kind"] == "sync":
             self.receiver.broadcast()
             self.version = int(message["version"])
         return message
 
     def run(self) -> None:
-        ctx, cfg = self.ctx, self.cfg
-        ctx.install_stop_handlers()  # the trainers decide when to stop; the signal is noted
-        first = self._next_control("the initial weights")
+        cfg = self.cfg
+        first = self._next_control("the initial weights", cfg.comm.startup_timeout_s)
         next_step = int(first["generation_next_step"])
         staleness = cfg.sync.max_staleness
         for step in range(next_step, cfg.trainer.steps):
@@ -88,7 +87,7 @@ class Generator:
             logprobs=Ragged.from_list(out.logprobs, np.float32),
             rewards=rewards, seeds=np.full(len(prompt_ids), seed, np.int64),
             finished=np.asarray(out.finished, bool),
-            attrs={"task": self.task.name, "time_sample_s": time_sample},
+            attrs={"task": self.task.name},  # no timings: equal rollouts, equal bytes
         )
         info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
         elapsed = time.perf_counter() - start

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -49,8 +50,17 @@ def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> No
 
 def run(run_dir: str, role: str | None = None) -> int:
     """Run this process's rank of the run in `run_dir`; returns the exit status."""
+    from hpcalign.roles.context import install_stop_handlers
+
+    install_stop_handlers()  # first: a stop signal during start-up must not kill the rank
     from mpi4py import MPI
 
+    # NOTE: MPI_Init (PMIx) may install its own handlers; ours must be the ones in force.
+    install_stop_handlers()
+
+    # transformers' per-load progress bars would drown the run's own progress line
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     run_dir = os.path.abspath(run_dir)
@@ -59,6 +69,9 @@ def run(run_dir: str, role: str | None = None) -> int:
     try:
         import torch
         import torch.distributed as dist
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
 
         from hpcalign.comm.control import Control
         from hpcalign.comm.weights import init_distributed
@@ -79,12 +92,13 @@ def run(run_dir: str, role: str | None = None) -> int:
         threads = (placement.trainer if expected == "trainer" else placement.generator).threads
         torch.set_num_threads(threads)
         control = Control(comm, cfg.comm.timeout_s, placement.describe_rank)
-        init_distributed(control, run_dir, cfg.comm.dist_backend, cfg.comm.timeout_s)
+        init_distributed(control, run_dir, cfg.comm.dist_backend, cfg.comm.startup_timeout_s)
         # every rank creates every group, in the same order (torch.distributed's rule)
         sync_group = dist.new_group([0, *placement.generator.world_ranks()])
         trainer_group = dist.new_group(placement.trainer.world_ranks())
         ctx = RoleContext(cfg=cfg, run_dir=run_dir, placement=placement, control=control,
                           rank=rank, sync_group=sync_group, trainer_group=trainer_group)
+        install_stop_handlers()  # again, after the libraries' own set-up
         logging.getLogger(__name__).info("%s ready on %s (%d threads)", who,
                                          socket.gethostname(), threads)
         if expected == "trainer":
@@ -96,6 +110,11 @@ def run(run_dir: str, role: str | None = None) -> int:
 
             Generator(ctx).run()
         control.flush()
+        # NOTE: the work is done; a late stop signal must not kill the rank while Python
+        # shuts down (its finalisation resets Python-level handlers to the default, which
+        # for SIGUSR1 is "terminate"; an ignored signal stays ignored).
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         dist.destroy_process_group()
         return 0
     except BaseException as err:  # noqa: BLE001 - every failure must take the world down

@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 SFT_SEED_OFFSET = 0x5F7  # the warm-up's prompt stream is independent of GRPO's
 
 
+def check_staleness(step: int, shard_step: int, policy_version: int, max_staleness: int,
+                    path: str) -> None:
+    """Refuse a shard of another step, or one sampled with a policy older than allowed."""
+    lag = step - policy_version
+    if shard_step != step or not 0 <= lag <= max_staleness:
+        raise ShardError(path, f"sampled for step {shard_step} with policy version "
+                               f"{policy_version}; training step {step} accepts versions "
+                               f"{max(0, step - max_staleness)}..{step} "
+                               f"(sync.max_staleness={max_staleness})")
+
+
 class Trainer:
     def __init__(self, ctx: RoleContext) -> None:
         self.ctx = ctx
@@ -78,13 +89,13 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        log.info("SFT warm-up: %d steps, final loss %.4f", tcfg.sft_warmup_steps, float(loss))
+        log.info("SFT warm-up: %d steps, final loss %.4f", tcfg.sft_warmup_steps, loss.item())
         if self.is_leader:
             tmp = f"{out_dir}.tmp-{os.getpid()}"
             save_model(model, tokenizer, tmp)
             os.replace(tmp, out_dir)
         else:  # other data-parallel trainers wait for the leader's copy (bounded)
-            deadline = time.monotonic() + self.cfg.comm.timeout_s
+            deadline = time.monotonic() + self.cfg.comm.startup_timeout_s
             while not os.path.isdir(out_dir) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
@@ -150,19 +161,12 @@ class Trainer:
                    for g in sorted(infos)]
         return batches, max(info["time_generate_s"] for info in infos.values())
 
-    def _check_staleness(self, step: int, batch: RolloutBatch, path: str) -> None:
-        lag = step - batch.policy_version
-        if batch.step != step or not 0 <= lag <= self.cfg.sync.max_staleness:
-            raise ShardError(path, f"sampled for step {batch.step} with policy version "
-                                   f"{batch.policy_version}; training step {step} accepts versions "
-                                   f"{step - self.cfg.sync.max_staleness}..{step} "
-                                   f"(sync.max_staleness={self.cfg.sync.max_staleness})")
-
     # ------------------------------------------------------------ update
     def _update(self, step: int, batches: list[RolloutBatch]) -> dict[str, float]:
         tcfg = self.cfg.trainer
         for g, batch in enumerate(batches):
-            self._check_staleness(step, batch, shard_path(self.ctx.run_dir, step, g))
+            check_staleness(step, batch.step, batch.policy_version, self.cfg.sync.max_staleness,
+                            shard_path(self.ctx.run_dir, step, g))
         prompt_ids = np.concatenate([b.prompt_ids for b in batches])
         rewards = torch.from_numpy(np.concatenate([b.rewards for b in batches]))
         prompts = [p for b in batches for p in b.prompt_tokens.to_list()]
@@ -271,7 +275,6 @@ class Trainer:
 
     def run(self) -> None:
         ctx, cfg = self.ctx, self.cfg
-        ctx.install_stop_handlers()
         self._setup()
         steps, staleness = cfg.trainer.steps, cfg.sync.max_staleness
         self._write_state("running", self.start_step)

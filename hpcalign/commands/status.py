@@ -1,0 +1,86 @@
+"""`hpcalign status RUN_DIR`: where a run is — state, step, last metrics, throughput, ETA.
+
+Works from any login shell: everything comes from RUN_DIR (state.json, metrics.jsonl,
+checkpoints/, errors/) plus, for Slurm runs, the job's state from Slurm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from hpcalign.errors import UserError
+from hpcalign.launch.rundir import read_json
+from hpcalign.roles.checkpoint import list_checkpoints
+
+HELP = "show where a run is: state, step, reward, throughput, ETA, errors"
+
+
+def _last_metrics(run_dir: str) -> dict | None:
+    from hpcalign.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    return rows[-1] if rows else None
+
+
+def collect_status(run_dir: str) -> dict:
+    """Everything `status` prints, as a dict (also for `--json`)."""
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)")
+    state = read_json(os.path.join(run_dir, "state.json")) or {"state": "not started"}
+    status: dict = {"run_dir": os.path.abspath(run_dir), **state}
+    status["checkpoints"] = list_checkpoints(run_dir)
+    last = _last_metrics(run_dir)
+    if last:
+        status["last_metrics"] = last
+        steps = state.get("steps")
+        if steps and last.get("time_step_s"):
+            remaining = max(0, steps - last["step"] - 1)
+            status["eta_s"] = remaining * last["time_step_s"]
+    errors_dir = os.path.join(run_dir, "errors")
+    errors = [read_json(os.path.join(errors_dir, n)) for n in sorted(os.listdir(errors_dir))
+              ] if os.path.isdir(errors_dir) else []
+    status["errors"] = [e for e in errors if e]
+    if status["errors"] and status.get("state") == "running":
+        status["state"] = "failed"
+    if os.path.isfile(os.path.join(run_dir, "slurm.json")):
+        from hpcalign.launch.slurm import slurm_status
+
+        status["slurm"] = slurm_status(run_dir)
+    if status.get("state") == "running" and "time" in state:
+        status["last_update_s_ago"] = time.time() - state["time"]
+    return status
+
+
+def format_status(status: dict) -> str:
+    lines = [f"run:        {status['run_dir']}",
+             f"state:      {status.get('state')}  (step {status.get('step', 0)}"
+             f" of {status.get('steps', '?')}, policy version {status.get('policy_version', 0)})"]
+    slurm = status.get("slurm")
+    if slurm:
+        lines.append(f"slurm:      job {slurm.get('job_id')}  " + "  ".join(
+            f"{name}={info}" for name, info in (slurm.get("components") or {}).items()))
+    last = status.get("last_metrics")
+    if last:
+        lines.append(f"last step:  {last['step']}  reward {last.get('reward_mean', float('nan')):.3f}"
+                     f"  kl {last.get('kl', float('nan')):.4f}"
+                     f"  {last.get('samples_per_s', 0):.1f} samples/s"
+                     f"  {last.get('time_step_s', 0):.2f} s/step")
+    if "eta_s" in status and status.get("state") == "running":
+        lines.append(f"eta:        {status['eta_s'] / 60:.1f} min")
+    lines.append(f"checkpoints: {', '.join(map(str, status['checkpoints'])) or 'none'}")
+    for err in status.get("errors", []):
+        lines.append(f"error:      {err.get('role')} on {err.get('host')}: {err.get('error')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hpcalign status", description=HELP)
+    parser.add_argument("run_dir")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = parser.parse_args(argv)
+    status = collect_status(args.run_dir)
+    print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
+    return 1 if status.get("errors") else 0

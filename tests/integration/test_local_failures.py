@@ -1,0 +1,45 @@
+"""A dead or hung role ends the whole local job fast, with an error naming the rank."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from local_runs import ROOT, role_pids, start_run, wait_for_step
+
+
+def test_killed_generator_fails_fast_naming_the_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_run(run_dir, "trainer.steps=200", "comm.timeout_s=120")
+    wait_for_step(run_dir, 2, proc)
+    (generator,) = role_pids(run_dir, "generator")
+    os.kill(generator, signal.SIGKILL)
+    killed = time.monotonic()
+    _out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30, "the job outlived its dead generator"
+    assert proc.returncode != 0
+    assert "generator 0 (world rank 1)" in err, err[-2000:]
+    assert not role_pids(run_dir, "trainer"), "trainer left running"
+    status = subprocess.run([sys.executable, "-m", "hpcalign.cli", "status", str(run_dir)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert status.returncode == 1
+    assert "generator 0 (world rank 1)" in status.stdout
+
+
+def test_hung_generator_times_out_naming_the_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_run(run_dir, "trainer.steps=200", "comm.timeout_s=4")
+    wait_for_step(run_dir, 2, proc)
+    (generator,) = role_pids(run_dir, "generator")
+    os.kill(generator, signal.SIGSTOP)  # alive but silent: only a timeout can notice
+    try:
+        _out, err = proc.communicate(timeout=90)
+    finally:
+        try:
+            os.kill(generator, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0
+    assert "trainer 0 (world rank 0)" in err and "generator 0 (world rank 1)" in err, err[-2000:]
+    assert "sent nothing" in err

@@ -1,0 +1,36 @@
+"""The local MPMD mpiexec line and the failure explanation are pure functions."""
+
+import json
+import os
+
+from hpcalign.config.load import load_config
+from hpcalign.launch.local import explain_failure, mpiexec_command
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.yaml")
+
+
+def test_mpmd_line_has_trainers_then_generators():
+    cfg = load_config(QUICKSTART, ["trainer.ranks=2", "generator.ranks=4",
+                                   "launcher.mpiexec_args=[--mca,btl,tcp]"])
+    argv = mpiexec_command(cfg, "/r u n", "/py", "/bin/mpiexec", as_root=True)
+    sep = argv.index(":")
+    head, tail = argv[:sep], argv[sep + 1:]
+    assert head[:5] == ["/bin/mpiexec", "--oversubscribe", "--bind-to", "none", "--allow-run-as-root"]
+    assert head[5:8] == ["--mca", "btl", "tcp"]
+    assert head[8:] == ["-n", "2", "/py", "-m", "hpcalign.roles.main", "--role", "trainer", "/r u n"]
+    assert tail == ["-n", "4", "/py", "-m", "hpcalign.roles.main", "--role", "generator", "/r u n"]
+
+
+def test_failure_prefers_the_rank_error_record(tmp_path):
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "rank-1.json").write_text(json.dumps(
+        {"rank": 1, "role": "generator 0 (world rank 1)", "host": "n1", "error": "boom", "time": 1}))
+    assert explain_failure(str(tmp_path), "", 1) == "generator 0 (world rank 1) on n1 failed: boom"
+
+
+def test_failure_from_mpiexec_words(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"trainer": {"ranks": 1}}))
+    tail = ("prterun noticed that process rank 1 with PID 4242 on node x exited on signal 9 "
+            "(Killed).\n")
+    assert explain_failure(str(tmp_path), tail, 137) == (
+        "generator 0 (world rank 1) died: exited on signal 9 (Killed).")

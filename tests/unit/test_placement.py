@@ -1,0 +1,41 @@
+"""Placement: trainers first, then generators; rank names; thread split; plan.json."""
+
+import json
+import os
+import stat
+
+from hpcalign.config.load import load_config
+from hpcalign.launch.rundir import write_run_dir
+from hpcalign.plan.placement import compute_placement
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.yaml")
+
+
+def test_roles_by_rank_and_names():
+    cfg = load_config(QUICKSTART, ["trainer.ranks=2", "generator.ranks=4"])
+    plan = compute_placement(cfg)
+    assert plan.world_size == 6
+    assert [plan.role_of(r) for r in range(6)] == ["trainer"] * 2 + ["generator"] * 4
+    assert plan.generator.world_ranks() == [2, 3, 4, 5]
+    assert plan.describe_rank(3) == "generator 1 (world rank 3)"
+    assert plan.describe_rank(1) == "trainer 1 (world rank 1)"
+
+
+def test_threads_follow_overlap():
+    on_policy = compute_placement(load_config(QUICKSTART, ["trainer.threads=0"]))
+    overlap = compute_placement(load_config(QUICKSTART, ["sync.max_staleness=1"]))
+    cores = len(os.sched_getaffinity(0))
+    assert on_policy.trainer.threads == max(1, cores)  # roles alternate: all cores each
+    assert overlap.trainer.threads == max(1, cores // 2)  # roles overlap: they share
+    explicit = compute_placement(load_config(QUICKSTART, ["generator.threads=3"]))
+    assert explicit.generator.threads == 3
+
+
+def test_run_dir_is_private_and_holds_config_and_plan(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(QUICKSTART, [f"run_dir={run_dir}"])
+    write_run_dir(cfg)
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["generator"]["first_rank"] == 1
+    assert load_config(str(run_dir / "config.yaml")) == cfg
