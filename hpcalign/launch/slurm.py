@@ -49,8 +49,9 @@ _UNFINISHED = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "R
 _HET_ROW = re.compile(r"^(?P<job>\d+)\+(?P<offset>\d+)$")
 
 
-def run_slurm(argv: list[str], timeout_s: float = SLURM_TIMEOUT_S) -> str:
+def run_slurm(argv: list[str], timeout_s: float | None = None) -> str:
     """Run a Slurm client command; its stdout, or `UserError` naming the command and why."""
+    timeout_s = SLURM_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     except FileNotFoundError:

@@ -193,6 +193,27 @@ def test_requeue_and_time_limit_signal_resume_bitwise(reference, tmp_path):
     assert {int(r["restart_count"]) for r in rows} == {0, 1, 2}
 
 
+@pytest.mark.timeout(1500)
+def test_real_time_limit_warning_checkpoints_and_requeues(tmp_path):
+    """A real --time limit: Slurm's USR1 warning, checkpoint, self-requeue, resume to the end.
+
+    time 3 min, warning 60 s before: Slurm sends USR1 60-120 s into each attempt (it may
+    come up to a minute early), long after the ranks started and long before the limit.
+    """
+    run_dir = tmp_path / "time-limit"
+    job_id = submit(run_dir, "trainer.steps=300", "checkpoint.every_steps=50",
+                    "slurm.train.time_min=3", "slurm.gen.time_min=3",
+                    "slurm.signal_before_end_s=60", "slurm.max_requeues=10")
+    assert wait_done(run_dir, job_id, timeout=1400) == "COMPLETED"
+    first = json.loads((run_dir / "logs" / f"slurm-{job_id}.0-outcome.json").read_text())
+    assert first["action"] == "requeued" and first["state"] == "preempted", first
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(300))  # every step once: none lost or redone
+    assert max(int(r["restart_count"]) for r in rows) >= 1
+    assert "TIMEOUT" not in sh("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State")
+
+
 def test_max_requeues_bounds_self_requeue(tmp_path):
     """With slurm.max_requeues=0 a time-limit warning checkpoints and ends the job."""
     run_dir = tmp_path / "bounded"
