@@ -226,11 +226,14 @@ def submit_run(cfg: Config) -> tuple[str, str]:
     for name in os.listdir(os.path.join(run_dir, "errors")):  # an earlier attempt's failures
         os.remove(os.path.join(run_dir, "errors", name))
     make_private_dir(submitit_folder(run_dir))
-    executor = HetSlurmExecutor(cfg, run_dir, python)
     try:
+        executor = HetSlurmExecutor(cfg, run_dir, python)
         job = executor.submit_run()
     except submitit_utils.FailedJobError as err:
         raise UserError(f"sbatch refused the job: {str(err).strip() or err.__cause__}") from None
+    except (RuntimeError, FileNotFoundError) as err:  # no srun/sbatch: not a Slurm login node
+        raise UserError(f"cannot submit from this machine: {err} (--dry-run prints the "
+                        f"script without Slurm)") from None
     write_job_record(run_dir, job.job_id, "hpcalign submit")
     return job.job_id, run_dir
 
