@@ -86,7 +86,7 @@ def test_run_overrides_map_the_point(tmp_path: Path) -> None:
         "generator.prompts_per_step=16",
         "generator.samples_per_prompt=8",
         "generator.max_new_tokens=8",
-        "trainer.steps=4",
+        f"trainer.steps={study.measure.steps}",
         "model.init.hidden=128",
         "trainer.sft_warmup_steps=0",
     ):
