@@ -136,6 +136,14 @@ def test_top_p_restricts_the_support(model):
     assert len(seen) > 1
 
 
+def test_bfloat16_with_padding_stays_finite(model):
+    low = build_model(ModelInit(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
+                                seed=7), vocab_size=44).to(torch.bfloat16)
+    out = _run(low, max_new_tokens=4, eos_id=-1)
+    assert all(len(t) == 4 for t in out.tokens)
+    assert all(torch.isfinite(torch.tensor(lp)).all() for lp in out.logprobs)
+
+
 def test_argument_checks(model):
     assert _run(model, prompts=[]) == SampleOutput([], [], [])
     with pytest.raises(ValueError):
