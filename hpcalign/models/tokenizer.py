@@ -57,3 +57,14 @@ def build_char_tokenizer(symbols: str) -> PreTrainedTokenizerFast:
     )
     return tokenizer
 
+
+
+def char_symbols(tokenizer: PreTrainedTokenizerFast) -> str:
+    """The characters `tokenizer` can spell, as text (for `data.tasks.make_task(symbols=...)`).
+
+    Decodes every non-special id, so byte-level stand-ins come back as the real characters
+    (' ' rather than 'Ġ').
+    """
+    special = set(tokenizer.all_special_ids)
+    pieces = (tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special)
+    return "".join(sorted({char for piece in pieces for char in piece}))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hpcalign.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_char_tokenizer
+from hpcalign.models.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    build_char_tokenizer,
+    char_symbols,
+)
 
 SYMBOLS = "abcxyz019=+ :\n"
 
@@ -53,3 +60,7 @@ def test_save_and_autotokenizer_reload_give_identical_ids(tmp_path):
         assert loaded.decode(loaded.encode(text)) == text
         assert loaded.get_vocab() == tok.get_vocab()
         assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+
+
+def test_char_symbols_are_the_real_characters():
+    assert char_symbols(build_char_tokenizer(SYMBOLS)) == "".join(sorted(SYMBOLS))
