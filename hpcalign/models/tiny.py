@@ -26,11 +26,12 @@ from hpcalign.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_char_tokeniz
 # 26 letters + 10 digits + 4 punctuation = 40 symbols; with the 4 specials the vocab is 44.
 DEFAULT_SYMBOLS: str = string.ascii_lowercase + string.digits + "=+ :"
 
-# NOTE: measured at the GRPO benchmark shape (hidden 256, 4 layers, 64 x 32 KV-cache sampling,
-# 1 thread, min CPU seconds of 7 runs on a shared 2-core machine): "eager" 0.36-0.37 s,
-# "sdpa" 0.38-0.41 s; forward + backward of 64 x 40 tokens: equal (0.73 s). At these sizes
-# the attention matrices are tiny and eager's plain matmuls win by a few percent. Bigger
-# models (and vLLM / megatron, which ignore this) want "sdpa" or flash attention.
+# NOTE: measured at the GRPO benchmark shape (hidden 256, 4 layers; tools/bench/sampler.py,
+# 1 thread, CPU seconds on a shared 2-core machine): 64 x 32 KV-cache sampling took
+# 0.34-0.38 s with "eager" and 0.36-0.41 s with "sdpa" over several runs, forward + backward
+# of 64 x 40 tokens 0.73 s with both: a tie within noise, eager slightly ahead for sampling
+# (the attention matrices are tiny). Bigger models (and vLLM / megatron, which ignore this
+# setting) want "sdpa" or flash attention.
 ATTN_IMPLEMENTATION = "eager"
 
 _ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
