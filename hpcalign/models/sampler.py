@@ -12,7 +12,7 @@ few wasted rows at these sizes. The loop stops as soon as every row has finished
 Log-probs: `SampleOutput.logprobs` holds log-softmax(logits / temperature) of each sampled
 token, i.e. under the temperature-scaled policy BEFORE top-k / top-p truncation. That is the
 distribution `hpcalign.models.logprobs.token_logprobs` recomputes in the trainer, so with
-top_k = 0 and top_p = 1 the PPO ratio starts at exactly 1; with truncation the recorded
+top_k = 0 and top_p = 1 the PPO ratio starts at 1 (up to float rounding, ~1e-6); with truncation the recorded
 value is the policy's own log-prob of the token, not the truncated sampler's.
 
 All randomness comes from the `generator` argument (`torch.multinomial(..., generator=...)`):
@@ -40,15 +40,18 @@ class SampleOutput:
 
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """`logits` [B, V] with tokens outside the top-k / nucleus set to -inf (in place)."""
+    """`logits` [B, V] with tokens outside the top-k / nucleus set to -inf (in place).
+
+    Top-k keeps every token tied with the k-th largest logit; top-p applies after top-k.
+    """
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits.masked_fill_(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # keep a token while the mass strictly before it is < top_p (the top one is always kept)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits.masked_fill_(drop, float("-inf"))
     return logits
