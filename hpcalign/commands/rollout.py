@@ -1,0 +1,174 @@
+"""`hpcalign rollout`: sample rollouts offline from a checkpoint into HDF5 shards.
+
+For evaluation or distillation, on a laptop or as a Slurm job array (docs/rollout.md):
+
+    hpcalign rollout --checkpoint runs/r1/checkpoints/step-000200 --prompts eval.jsonl \\
+        --out runs/r1/offline --samples-per-prompt 4 --max-new-tokens 64
+    sbatch --array=0-7 sbatch/rollout-array.sbatch CHECKPOINT PROMPTS OUT [options]
+
+Array task I of N (`--shard-index/--num-shards`, by default `SLURM_ARRAY_TASK_ID` /
+`SLURM_ARRAY_TASK_COUNT`) samples the I-th contiguous slice of the prompts into
+`OUT/shard-{I:04d}-{batch:05d}.h5`, skipping shards a previous attempt completed, then
+prints one summary line and writes `OUT/rollout-summary-{I:04d}.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from hpcalign.config.schema import GeneratorConfig, TaskConfig
+from hpcalign.errors import UserError
+
+HELP = "sample rollouts offline from a checkpoint into HDF5 shards (Slurm-array ready)"
+
+# Prompt indices (the shards' prompt_ids) follow the JSONL task's shuffled order. NOTE: a
+# fixed seed, not --seed, so a prompt keeps its index and its array task whatever sampling
+# seed is used, and rollouts of two seeds or checkpoints line up prompt by prompt.
+TASK_SEED = 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = GeneratorConfig()  # a run's sampling defaults; light to import, unlike torch
+    parser = argparse.ArgumentParser(prog="hpcalign rollout", description=HELP)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="run checkpoint (RUN_DIR/checkpoints/step-N) or HF model dir")
+    parser.add_argument("--prompts", required=True, metavar="FILE.jsonl",
+                        help='one {"prompt": ..., "answer": ...} per line (answer optional)')
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="shard directory")
+    parser.add_argument("--shard-index", type=int, default=None, metavar="I",
+                        help="this array task (default: $SLURM_ARRAY_TASK_ID, else 0)")
+    parser.add_argument("--num-shards", type=int, default=None, metavar="N",
+                        help="array tasks in all (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    parser.add_argument("--samples-per-prompt", type=int, default=defaults.samples_per_prompt,
+                        metavar="K", help="completions per prompt (%(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        metavar="T", help="longest completion in tokens (%(default)s)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, metavar="X",
+                        help="sampling temperature (%(default)s)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P",
+                        help="nucleus mass (%(default)s; 1: off)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K",
+                        help="top-k (%(default)s; 0: off)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B",
+                        help="prompts per shard, sampled as one batch of B*K sequences (%(default)s)")
+    parser.add_argument("--seed", type=int, default=1234, metavar="S", help="sampling seed (%(default)s)")
+    parser.add_argument("--task", default="jsonl", metavar="NAME",
+                        help="task label recorded in the shards (default: jsonl)")
+    parser.add_argument("--reward", default=None, metavar="module:function",
+                        help="reward (prompt, answer, completion) -> float; default: partial "
+                             "match against the answer, NaN for prompts without one")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="parameter dtype (%(default)s)")
+    return parser
+
+
+def _array_position(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    """(I, N) from the flags, else from Slurm's array variables, else (0, 1)."""
+    def from_env(value: int | None, name: str, default: int) -> int:
+        if value is not None:
+            return value
+        text = os.environ.get(name, "")
+        if not text:
+            return default
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{name}={text!r} is not an integer") from None
+
+    index = from_env(shard_index, "SLURM_ARRAY_TASK_ID", 0)
+    count = from_env(num_shards, "SLURM_ARRAY_TASK_COUNT", 1)
+    if count < 1:
+        raise UserError(f"--num-shards={count} must be >= 1")
+    if not 0 <= index < count:
+        raise UserError(f"--shard-index={index} must be in 0..{count - 1} (--num-shards={count}); "
+                        "a Slurm array must be contiguous from 0 (--array=0-N)")
+    return index, count
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int]:
+    """(model dir, policy_version) of a run checkpoint dir or a plain HF model dir."""
+    if not os.path.isdir(path):
+        raise UserError(f"--checkpoint {path}: no such directory")
+    model_dir = os.path.join(path, "model")
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        state_path = os.path.join(path, "state.json")
+        if not os.path.exists(state_path):
+            return model_dir, 0
+        try:
+            with open(state_path) as f:
+                return model_dir, int(json.load(f)["policy_version"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{state_path}: no readable policy_version "
+                            f"({type(err).__name__}: {err})") from err
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, 0
+    hint = ""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        hint = f"; for a run directory pass {os.path.join(path, 'checkpoints', 'step-N')}"
+    raise UserError(f"--checkpoint {path}: neither a run checkpoint (model/ + state.json) nor "
+                    f"an HF model directory (config.json){hint}")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    shard_index, num_shards = _array_position(args.shard_index, args.num_shards)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} must be >= 1")
+    model_dir, policy_version = resolve_checkpoint(args.checkpoint)
+
+    # torch and transformers only now: a wrong flag or path answers in a blink
+    from transformers.utils import logging as hf_logging
+
+    from hpcalign.data.rollout import (
+        ANSWER_REWARD,
+        OfflineRollout,
+        SamplingParams,
+        run_offline_rollout,
+        slice_prompts,
+    )
+    from hpcalign.data.tasks import make_task
+    from hpcalign.models.hf import load_model
+
+    try:
+        params = SamplingParams(samples_per_prompt=args.samples_per_prompt,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k)
+    except ValueError as err:  # "top_p=2.0 must be in (0, 1]" -> "top-p=2.0 ..." (the flag)
+        raise UserError(str(err).replace("_", "-")) from err
+    hf_logging.disable_progress_bar()
+    task = make_task(TaskConfig(name="jsonl", prompts=args.prompts, eval_prompts=0,
+                                reward=args.reward or ANSWER_REWARD), TASK_SEED)
+    model, tokenizer = load_model(model_dir, args.dtype)
+    model.requires_grad_(False)  # NOTE: on CPU, as in the generator role (see docs/rollout.md)
+    _check_spelling(tokenizer, task, slice_prompts(task.num_prompts, shard_index, num_shards),
+                    args.prompts)
+    job = OfflineRollout(
+        model=model, tokenizer=tokenizer, task=task, params=params, out_dir=args.out,
+        shard_index=shard_index, num_shards=num_shards, batch_size=args.batch_size,
+        seed=args.seed, policy_version=policy_version,
+        attrs={"task": args.task, "checkpoint": os.path.realpath(args.checkpoint),
+               "prompts": os.path.realpath(args.prompts), "reward": args.reward or "answer",
+               "dtype": args.dtype})
+    summary = run_offline_rollout(job)
+    print(summary.line())
+    return 0
+
+
+def _check_spelling(tokenizer, task, indices, prompts_path: str) -> None:
+    """UserError for a prompt the tokenizer can only spell with `<unk>` (the model would be
+    sampled on garbage, silently): the first such prompt and its unknown characters."""
+    from hpcalign.data.rollout import bos_id, encode_prompt
+
+    unk, bos = tokenizer.unk_token_id, bos_id(tokenizer)
+    if unk is None:
+        return
+    for index in indices:
+        text = task.prompt(int(index))
+        if unk in encode_prompt(tokenizer, bos, text):
+            missing = sorted({c for c in text
+                              if unk in tokenizer.encode(c, add_special_tokens=False)})
+            raise UserError(f"{prompts_path}: prompt {text!r} has characters the model's "
+                            f"tokenizer lacks: {''.join(missing)!r}")
+
