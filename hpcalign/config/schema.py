@@ -69,6 +69,9 @@ class GeneratorConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     threads: int = Field(0, ge=0, description="torch threads per rank (0: cores / ranks).")
+    ignore_eos: bool = Field(
+        False, description="Always sample max_new_tokens (benchmarks: fixed-length work)."
+    )
 
     @model_validator(mode="after")
     def _divides(self) -> GeneratorConfig:

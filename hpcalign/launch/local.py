@@ -106,6 +106,11 @@ def run_local(cfg: Config) -> int:
     argv = mpiexec_command(cfg, run_dir, sys.executable, _find_mpiexec(cfg.launcher.mpiexec),
                            as_root=os.geteuid() == 0)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HDF5_USE_FILE_LOCKING="FALSE")
+    # NOTE: local means this machine. Inside a Slurm allocation Open MPI would otherwise ask
+    # Slurm for the allocation's nodes and try to start daemons there (and on a test
+    # cluster whose node names are not host names it waits until the time limit).
+    env.setdefault("PRTE_MCA_ras", "^slurm")
+    env.setdefault("PRTE_MCA_plm", "^slurm")
     if sys.stderr.isatty():
         env.setdefault("HPCALIGN_FORCE_PROGRESS", "1")
     proc = subprocess.Popen(argv, env=env, stdout=None, stderr=subprocess.PIPE,

@@ -73,7 +73,8 @@ class Generator:
         seed = shard_seed(cfg.seed, step, self.index)
         out = sample(self.model, expanded, max_new_tokens=gen.max_new_tokens,
                      temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                     eos_id=-1 if gen.ignore_eos else self.tokenizer.eos_token_id,
+                     pad_id=self.tokenizer.pad_token_id,
                      generator=torch.Generator().manual_seed(seed))
         time_sample = time.perf_counter() - start
         texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)

@@ -20,15 +20,21 @@ def main() -> int:
     rank = comm.Get_rank()
     control = Control(comm, 30, lambda r: f"rank {r}")
     run_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.gettempdir()
-    init_distributed(control, run_dir, "gloo", 30)
+    backend = sys.argv[2] if len(sys.argv) > 2 else "gloo"
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if backend == "nccl" else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    init_distributed(control, run_dir, backend, 30)
     torch.manual_seed(rank)  # different on every rank before the sync
     shapes = [(7, 3), (128,), (33, 65), (1,), (300, 17)]
     params = [torch.randn(s) for s in shapes] + [torch.randn(5, 5).double()]
+    params = [p.to(device) if device is not None else p for p in params]
     broadcaster = WeightBroadcaster(params, bucket_mb=0.01, src=0, group=None)
     assert len(broadcaster.buckets) >= 3, broadcaster.buckets
     broadcaster.broadcast()
     torch.manual_seed(0)
     expected = [torch.randn(s) for s in shapes] + [torch.randn(5, 5).double()]
+    expected = [e.to(device) if device is not None else e for e in expected]
     ok = all(torch.equal(p, e) for p, e in zip(params, expected))
     for p in params:
         p.grad = torch.full_like(p, float(rank + 1))
