@@ -10,6 +10,10 @@ mixed-length (left-padded) prompts like the "reverse" task's.
     python tools/bench/sampler.py                     # 2 threads, both attention kernels
     python tools/bench/sampler.py --threads 1 --repeat 9 --attn sdpa
 
+NOTE: on a busy machine (load > cores) run it with `OMP_WAIT_POLICY=PASSIVE`: with the
+default (spinning) OpenMP wait policy, 2 threads on 2 shared cores made one batch take 6-14 s
+instead of ~1 s (measured 2026-11-29, load ~9 on 2 cores); CPU seconds stay comparable.
+
 Prints ONE JSON line: median wall and CPU seconds per 64 x 32 batch (compare CPU seconds when
 the machine is shared). Target (FACTS.md): ~0.30 s wall on 2 idle threads.
 """
