@@ -111,6 +111,10 @@ def run_local(cfg: Config) -> int:
     # cluster whose node names are not host names it waits until the time limit).
     env.setdefault("PRTE_MCA_ras", "^slurm")
     env.setdefault("PRTE_MCA_plm", "^slurm")
+    # NOTE: trainers and generators share cores; OpenMP's default spin-wait after each
+    # parallel region steals them from the other role (measured 10-20x slower sampling on
+    # an oversubscribed 2-core machine). Passive waiting yields the core at once.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if sys.stderr.isatty():
         env.setdefault("HPCALIGN_FORCE_PROGRESS", "1")
     proc = subprocess.Popen(argv, env=env, stdout=None, stderr=subprocess.PIPE,

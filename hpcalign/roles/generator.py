@@ -12,14 +12,14 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD
 from hpcalign.comm.weights import WeightBroadcaster
-from hpcalign.data.shards import Ragged, RolloutBatch, shard_path, write_shard
+from hpcalign.data.rollout import SamplingParams, sample_rollouts
+from hpcalign.data.shards import shard_path, write_shard
 from hpcalign.data.tasks import make_task, prompts_for_step
 from hpcalign.models.hf import load_model
-from hpcalign.models.sampler import sample
+from hpcalign.models.tokenizer import char_symbols
 from hpcalign.roles.context import RoleContext, shard_seed
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,15 @@ class Generator:
         self.index = ctx.rank - ctx.placement.generator.first_rank
         self.model, self.tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
         self.model.requires_grad_(False)
-        self.task = make_task(self.cfg.task, self.cfg.seed)
+        self.task = make_task(self.cfg.task, self.cfg.seed, symbols=char_symbols(self.tokenizer))
         self.receiver = WeightBroadcaster(list(self.model.parameters()), self.cfg.sync.bucket_mb,
                                           src=0, group=ctx.sync_group)
         self.version = -1
-        self.bos = self.tokenizer.convert_tokens_to_ids("<bos>")
+        gen = self.cfg.generator
+        self.sampling = SamplingParams(samples_per_prompt=gen.samples_per_prompt,
+                                       max_new_tokens=gen.max_new_tokens,
+                                       temperature=gen.temperature, top_p=gen.top_p,
+                                       top_k=gen.top_k, ignore_eos=gen.ignore_eos)
 
     def _next_control(self, what: str, timeout_s: float | None = None) -> dict:
         message = self.ctx.control.recv(0, TAG_CONTROL, what, timeout_s)
@@ -65,31 +69,11 @@ class Generator:
         per_rank = gen.prompts_per_step // gen.ranks
         indices = prompts_for_step(self.task, step, gen.prompts_per_step, cfg.seed)
         mine = np.asarray(indices[self.index * per_rank:(self.index + 1) * per_rank], np.int64)
-        prompt_ids = np.repeat(mine, gen.samples_per_prompt)
-        prompts = {int(i): [self.bos, *self.tokenizer.encode(self.task.prompt(int(i)),
-                                                             add_special_tokens=False)]
-                   for i in mine}
-        expanded = [prompts[int(i)] for i in prompt_ids]
-        seed = shard_seed(cfg.seed, step, self.index)
-        out = sample(self.model, expanded, max_new_tokens=gen.max_new_tokens,
-                     temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                     eos_id=-1 if gen.ignore_eos else self.tokenizer.eos_token_id,
-                     pad_id=self.tokenizer.pad_token_id,
-                     generator=torch.Generator().manual_seed(seed))
+        batch = sample_rollouts(self.model, self.tokenizer, self.task, mine, self.sampling,
+                                seed=shard_seed(cfg.seed, step, self.index), step=step,
+                                policy_version=self.version, generator_rank=self.index,
+                                attrs={"task": self.task.name})  # no timings: equal bytes
         time_sample = time.perf_counter() - start
-        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        rewards = np.array([self.task.reward(int(i), text) for i, text in zip(prompt_ids, texts)],
-                           np.float32)
-        batch = RolloutBatch(
-            step=step, policy_version=self.version, generator_rank=self.index,
-            prompt_ids=prompt_ids,
-            prompt_tokens=Ragged.from_list(expanded, np.int32),
-            completion_tokens=Ragged.from_list(out.tokens, np.int32),
-            logprobs=Ragged.from_list(out.logprobs, np.float32),
-            rewards=rewards, seeds=np.full(len(prompt_ids), seed, np.int64),
-            finished=np.asarray(out.finished, bool),
-            attrs={"task": self.task.name},  # no timings: equal rollouts, equal bytes
-        )
         info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
         elapsed = time.perf_counter() - start
         announcement = {"step": step, "generator": self.index, "path": info.path,

@@ -22,12 +22,14 @@ import torch.distributed as dist
 from hpcalign.algorithms.grpo import group_advantages, grpo_loss, kl_k3, sft_loss
 from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD
 from hpcalign.comm.weights import WeightBroadcaster, allreduce_gradients
+from hpcalign.data.rollout import bos_id, encode_prompt
 from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
 from hpcalign.data.tasks import make_task, prompts_for_step
 from hpcalign.errors import ShardError
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
-from hpcalign.models.hf import load_model, save_model
+from hpcalign.models.hf import load_model
+from hpcalign.models.tokenizer import char_symbols, save_model
 from hpcalign.models.logprobs import pack_sequences, token_logprobs
 from hpcalign.models.sampler import sample
 from hpcalign.roles.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -55,7 +57,7 @@ class Trainer:
         self.cfg = ctx.cfg
         self.index = ctx.rank  # trainers are world ranks 0..T-1
         self.is_leader = ctx.rank == 0
-        self.task = make_task(self.cfg.task, self.cfg.seed)
+        self.task = make_task(self.cfg.task, self.cfg.seed)  # the generator checks symbols
         self.announced: dict[int, dict[int, dict[str, Any]]] = {}
         self.generators = ctx.placement.generator.world_ranks()
 
@@ -75,12 +77,11 @@ class Trainer:
         model, tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.sft_lr)
-        bos = tokenizer.convert_tokens_to_ids("<bos>")
+        bos = bos_id(tokenizer)
         for step in range(tcfg.sft_warmup_steps):
             indices = prompts_for_step(self.task, step, tcfg.sft_batch,
                                        self.cfg.seed + SFT_SEED_OFFSET)
-            prompts = [[bos, *tokenizer.encode(self.task.prompt(int(i)), add_special_tokens=False)]
-                       for i in indices]
+            prompts = [encode_prompt(tokenizer, bos, self.task.prompt(int(i))) for i in indices]
             answers = [[*tokenizer.encode(self.task.answer(int(i)), add_special_tokens=False),
                         tokenizer.eos_token_id] for i in indices]
             batch = pack_sequences(prompts, answers, tokenizer.pad_token_id)
@@ -236,9 +237,8 @@ class Trainer:
         indices = list(self.task.eval_indices())
         if not indices:
             return {}
-        bos = self.tokenizer.convert_tokens_to_ids("<bos>")
-        prompts = [[bos, *self.tokenizer.encode(self.task.prompt(i), add_special_tokens=False)]
-                   for i in indices]
+        bos = bos_id(self.tokenizer)
+        prompts = [encode_prompt(self.tokenizer, bos, self.task.prompt(i)) for i in indices]
         self.policy.eval()
         out = sample(self.policy, prompts, max_new_tokens=self.cfg.generator.max_new_tokens,
                      temperature=1.0, top_k=1, eos_id=self.tokenizer.eos_token_id,
