@@ -28,8 +28,7 @@ from hpcalign.data.tasks import make_task, prompts_for_step
 from hpcalign.errors import ShardError
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
-from hpcalign.models.hf import load_model
-from hpcalign.models.tokenizer import char_symbols, save_model
+from hpcalign.models.hf import load_model, save_model
 from hpcalign.models.logprobs import pack_sequences, token_logprobs
 from hpcalign.models.sampler import sample
 from hpcalign.roles.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
