@@ -35,6 +35,9 @@ def collect_status(run_dir: str) -> dict:
     last = _last_metrics(run_dir)
     if last:
         status["last_metrics"] = last
+        if status.get("state") == "running":  # state.json is written at start and end only
+            status["step"] = last["step"] + 1
+            status["policy_version"] = int(last.get("policy_version", last["step"] + 1))
         steps = state.get("steps")
         if steps and last.get("time_step_s"):
             remaining = max(0, steps - last["step"] - 1)
