@@ -13,15 +13,6 @@ from hpcalign.models.tiny import build_model
 PAD = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is fastest and immune to OpenMP spinning on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     model = build_model(ModelInit(hidden=32, layers=2, heads=4, kv_heads=4, intermediate=64,

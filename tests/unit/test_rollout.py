@@ -12,7 +12,6 @@ from dataclasses import asdict
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from hpcalign.cli import main as cli_main
 from hpcalign.commands import rollout as rollout_command
@@ -34,15 +33,6 @@ PROMPTS = [{"prompt": "abc=", "answer": "cba"}, {"prompt": "hello="}, {"prompt":
            {"prompt": "mpi=", "answer": "ipm"}, {"prompt": "gpu="}, {"prompt": "k=", "answer": "k"},
            {"prompt": "shard=", "answer": "drahs"}]
 K = 2  # samples per prompt
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is fastest and immune to OpenMP spinning on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

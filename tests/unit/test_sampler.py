@@ -13,15 +13,6 @@ EOS, PAD = 2, 0
 PROMPTS = [[1, 4, 5, 6, 40], [1, 9, 40], [1, 7, 8, 9, 10, 11, 12, 40], [1, 40]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is fastest and immune to OpenMP spinning on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     # big enough init scale that the next-token distributions are not all near-uniform
