@@ -45,7 +45,8 @@ def collect_status(run_dir: str) -> dict:
     errors_dir = os.path.join(run_dir, "errors")
     errors = [read_json(os.path.join(errors_dir, n)) for n in sorted(os.listdir(errors_dir))
               ] if os.path.isdir(errors_dir) else []
-    status["errors"] = [e for e in errors if e]
+    # the launcher's verdict names the root cause; ranks' own records follow
+    status["errors"] = sorted((e for e in errors if e), key=lambda e: not e.get("root_cause"))
     if status["errors"] and status.get("state") == "running":
         status["state"] = "failed"
     if os.path.isfile(os.path.join(run_dir, "slurm.json")):

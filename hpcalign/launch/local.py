@@ -62,24 +62,35 @@ _DEAD_RANK = re.compile(r"rank (\d+)[^\n]*?(exited on signal \d+[^\n]*|"
 
 
 def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
-    """One line naming the rank that failed: its own error record, else mpiexec's words."""
-    cfg_plan = read_json(os.path.join(run_dir, "plan.json")) or {}
+    """One line naming the rank that failed first.
+
+    A rank killed by a signal cannot write its own record, and its peers then fail with
+    secondary errors ("connection reset by peer"): so mpiexec's report of a rank that died
+    by a signal wins; otherwise the earliest rank record; otherwise mpiexec's words.
+    """
+    plan = read_json(os.path.join(run_dir, "plan.json")) or {}
+    match = _DEAD_RANK.search(" ".join(output_tail.split()))  # mpiexec wraps its lines
+    if match and "signal" in match.group(2).lower():
+        return _describe_dead_rank(plan, match)
     errors_dir = os.path.join(run_dir, "errors")
     records = []
     for name in sorted(os.listdir(errors_dir)) if os.path.isdir(errors_dir) else []:
         record = read_json(os.path.join(errors_dir, name))
-        if record:
+        if record and name.startswith("rank-"):
             records.append(record)
     if records:
         first = min(records, key=lambda r: r.get("time", 0))
         return f"{first['role']} on {first['host']} failed: {first['error']}"
-    match = _DEAD_RANK.search(" ".join(output_tail.split()))  # mpiexec wraps its lines
     if match:
-        rank = int(match.group(1))
-        trainers = cfg_plan.get("trainer", {}).get("ranks", 0)
-        role = (f"trainer {rank}" if rank < trainers else f"generator {rank - trainers}")
-        return f"{role} (world rank {rank}) died: {match.group(2).strip()}"
+        return _describe_dead_rank(plan, match)
     return f"mpiexec exited with status {returncode} without naming a rank; see {run_dir}/logs"
+
+
+def _describe_dead_rank(plan: dict, match: re.Match) -> str:
+    rank = int(match.group(1))
+    trainers = plan.get("trainer", {}).get("ranks", 0)
+    role = f"trainer {rank}" if rank < trainers else f"generator {rank - trainers}"
+    return f"{role} (world rank {rank}) died: {match.group(2).strip()}"
 
 
 def _stop_with_parent() -> None:
@@ -161,12 +172,10 @@ def run_local(cfg: Config) -> int:
 
 
 def record_launcher_failure(run_dir: str, reason: str) -> None:
-    """Keep the launcher's explanation in RUN_DIR/errors so `status` shows it later.
+    """Keep the launcher's verdict (the root cause) in RUN_DIR/errors for `status`.
 
     A rank killed by a signal cannot write its own record; the launcher saw it die.
     """
     path = os.path.join(run_dir, "errors", "launcher.json")
-    if os.path.exists(path) or any(n.startswith("rank-") for n in os.listdir(os.path.dirname(path))):
-        return
-    atomic_write_text(path, json.dumps({"rank": None, "role": "launcher", "host": socket.gethostname(),
+    atomic_write_text(path, json.dumps({"rank": None, "role": "launcher", "root_cause": True, "host": socket.gethostname(),
                                         "error": reason, "time": time.time()}) + "\n")

@@ -10,6 +10,7 @@ aborts the MPI world, so a dead role never leaves the others waiting.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -27,6 +28,17 @@ def _setup_logging(run_dir: str, rank: int) -> None:
         level=logging.INFO,
         format="%(asctime)s rank" + str(rank) + " %(name)s %(levelname)s %(message)s",
     )
+
+
+PEER_FAILURE_GRACE_S = 3.0
+_PEER_FAILURE_WORDS = ("connection reset", "connection closed", "broken pipe", "end of file",
+                       "socket closed")
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """A torch.distributed error that means another rank went away (not this rank's bug)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(word in text for word in _PEER_FAILURE_WORDS)
 
 
 def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> None:
@@ -94,8 +106,10 @@ def run(run_dir: str, role: str | None = None) -> int:
         control = Control(comm, cfg.comm.timeout_s, placement.describe_rank)
         init_distributed(control, run_dir, cfg.comm.dist_backend, cfg.comm.startup_timeout_s)
         # every rank creates every group, in the same order (torch.distributed's rule)
-        sync_group = dist.new_group([0, *placement.generator.world_ranks()])
-        trainer_group = dist.new_group(placement.trainer.world_ranks())
+        # start-up may be slow (startup_timeout_s); steady-state collectives get timeout_s
+        steady = datetime.timedelta(seconds=cfg.comm.timeout_s)
+        sync_group = dist.new_group([0, *placement.generator.world_ranks()], timeout=steady)
+        trainer_group = dist.new_group(placement.trainer.world_ranks(), timeout=steady)
         ctx = RoleContext(cfg=cfg, run_dir=run_dir, placement=placement, control=control,
                           rank=rank, sync_group=sync_group, trainer_group=trainer_group)
         install_stop_handlers()  # again, after the libraries' own set-up
@@ -120,6 +134,10 @@ def run(run_dir: str, role: str | None = None) -> int:
     except BaseException as err:  # noqa: BLE001 - every failure must take the world down
         _record_failure(run_dir, rank, who, err)
         sys.stderr.flush()
+        if _peer_failure(err):
+            # NOTE: a peer that died makes this rank fail too ("connection reset"). Abort a
+            # moment later, so that mpiexec/srun first reports the rank that really died.
+            time.sleep(PEER_FAILURE_GRACE_S)
         comm.Abort(1)
         return 1
 

@@ -131,7 +131,12 @@ class Trainer:
             for rank in self.generators:
                 self.ctx.control.send({"kind": "sync", "version": version, **(extra or {})},
                                       dest=rank, tag=TAG_CONTROL)
-            self.broadcaster.broadcast()
+            try:
+                self.broadcaster.broadcast()
+            except RuntimeError as err:  # name the peers, not only gloo's socket
+                names = ", ".join(self.ctx.placement.describe_rank(r) for r in self.generators)
+                raise RuntimeError(f"weight sync of policy version {version} to {names} "
+                                   f"failed (one of them died or hung): {err}") from err
         return time.perf_counter() - start
 
     def _stop_generators(self) -> None:

@@ -34,3 +34,13 @@ def test_failure_from_mpiexec_words(tmp_path):
             "(Killed).\n")
     assert explain_failure(str(tmp_path), tail, 137) == (
         "generator 0 (world rank 1) died: exited on signal 9 (Killed).")
+
+
+def test_a_rank_killed_by_a_signal_wins_over_its_peers_secondary_errors(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"trainer": {"ranks": 1}}))
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "rank-0.json").write_text(json.dumps(
+        {"rank": 0, "role": "trainer 0 (world rank 0)", "host": "n0",
+         "error": "RuntimeError: Connection reset by peer", "time": 1}))
+    tail = "prterun noticed that process rank 1 with PID 7 on node x exited on\nsignal 9 (Killed).\n"
+    assert explain_failure(str(tmp_path), tail, 137).startswith("generator 0 (world rank 1) died")
