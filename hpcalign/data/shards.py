@@ -22,7 +22,6 @@ together and bump `SHARD_FORMAT_VERSION` when the layout changes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from hpcalign.errors import ShardError
 
@@ -76,7 +76,7 @@ _DATASETS: tuple[tuple[str, np.dtype | None, str], ...] = (
 _INT_ATTRS = ("step", "policy_version", "generator_rank", "num_samples")
 # Attributes covered by the checksum, in checksum order.
 _CHECKSUM_ATTRS = ("format", "format_version", *_INT_ATTRS, "attrs_json")
-_CHECKSUM_ALGORITHM = "blake2b-256"
+_CHECKSUM_ALGORITHM = "xxh3-128"
 
 
 @dataclass
@@ -337,16 +337,17 @@ def _remove_quietly(path: str) -> None:
 
 
 class _Checksum:
-    """blake2b-256 over the key attributes, then every dataset: its name, dtype and length,
-    and the blake2b-256 digest of each `HASH_PIECE_BYTES` piece of its bytes.
+    """XXH3-128 over the key attributes, then every dataset: its name, dtype and length,
+    and the XXH3-128 digest of each `HASH_PIECE_BYTES` piece of its bytes.
 
     The exact byte sequence is defined in `docs/shard-format.md`. Datasets must be added in
     `_DATASETS` order.
 
     NOTE: pieces are hashed on worker threads while the caller's thread does the HDF5 I/O;
-    hashlib and h5py both release the GIL, so hashing and I/O overlap and the pieces hash in
-    parallel. One serial blake2b pass (~1.4 GB/s a core) is slower than writing to the page
-    cache, so a plain digest would halve write throughput (tools/bench/shard_io.py).
+    xxhash and h5py both release the GIL, so hashing and I/O overlap. The checksum guards
+    against corruption and truncation, not against an adversary (shards come from our own
+    generators): XXH3 hashes ~27 GB/s a core, where BLAKE2b's ~1.4 GB/s halved write
+    throughput on a 2-core machine (tools/bench/shard_io.py; docs/benchmarks.md).
     """
 
     def __init__(self, attrs: dict[str, str | int], pool: ThreadPoolExecutor) -> None:
@@ -364,14 +365,14 @@ class _Checksum:
             self._parts.append(self._pool.submit(_piece_digest, piece))
 
     def hexdigest(self) -> str:
-        outer = hashlib.blake2b(digest_size=32)
+        outer = xxhash.xxh3_128()
         for part in self._parts:
             outer.update(part if isinstance(part, bytes) else part.result())
         return outer.hexdigest()
 
 
 def _piece_digest(piece: memoryview) -> bytes:
-    return hashlib.blake2b(piece, digest_size=32).digest()
+    return xxhash.xxh3_128(piece).digest()
 
 
 def _hash_pool() -> ThreadPoolExecutor:
