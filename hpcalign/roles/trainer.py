@@ -155,16 +155,18 @@ class Trainer:
             self.announced.setdefault(message["step"], {})[message["generator"]] = message
         return self.announced[step]
 
-    def _read_step(self, step: int) -> tuple[list[RolloutBatch], float]:
+    def _read_step(self, step: int) -> tuple[list[RolloutBatch], dict[str, float]]:
+        """The step's batches and the generators' timings (slowest generator)."""
         if step < self.generation_next_step:  # published before the last checkpoint
             batches = [read_shard(shard_path(self.ctx.run_dir, step, g))
                        for g in range(len(self.generators))]
-            return batches, 0.0
+            return batches, {"time_generate_s": 0.0, "time_sample_s": 0.0}
         infos = self._wait_announced(step)
         del self.announced[step]
         batches = [read_shard(infos[g]["path"], expected_checksum=infos[g]["checksum"])
                    for g in sorted(infos)]
-        return batches, max(info["time_generate_s"] for info in infos.values())
+        return batches, {key: max(info[key] for info in infos.values())
+                         for key in ("time_generate_s", "time_sample_s")}
 
     # ------------------------------------------------------------ update
     def _update(self, step: int, batches: list[RolloutBatch]) -> dict[str, float]:
@@ -293,7 +295,7 @@ class Trainer:
         last = time.perf_counter()
         for step in range(self.start_step, steps):
             wait_start = time.perf_counter()
-            batches, time_generate = self._read_step(step)
+            batches, generator_times = self._read_step(step)
             train_start = time.perf_counter()
             metrics = self._update(step, batches)
             self.version = step + 1
@@ -316,7 +318,7 @@ class Trainer:
             metrics.update({
                 "policy_version": float(self.version),
                 "time_wait_s": train_start - wait_start,
-                "time_generate_s": time_generate,
+                **generator_times,
                 "time_train_s": time_train,
                 "time_sync_s": time_sync,
                 "time_step_s": now - last,
