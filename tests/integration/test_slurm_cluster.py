@@ -44,9 +44,16 @@ def wait_gone(job_id: str, timeout: float = 300) -> None:
 
 
 def sacct_rows(job_id: str) -> dict[str, dict[str, str]]:
-    out = sh("sacct", "-n", "-P", "-j", job_id, "-o", "JobID,Partition,State,NodeList,ExitCode")
-    rows = [line.split("|") for line in out.splitlines() if line]
-    return {r[0]: dict(zip(("partition", "state", "nodes", "exit"), r[1:])) for r in rows}
+    """sacct rows of a finished het job (slurmdbd records the end a moment after squeue)."""
+    deadline = time.monotonic() + 30
+    while True:
+        out = sh("sacct", "-n", "-P", "-j", job_id, "-o", "JobID,Partition,State,NodeList,ExitCode")
+        rows = {r[0]: dict(zip(("partition", "state", "nodes", "exit"), r[1:]))
+                for r in (line.split("|") for line in out.splitlines() if line)}
+        done = [r for k, r in rows.items() if "." not in k and r["state"] == "COMPLETED"]
+        if len(done) == 2 or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 def test_cluster_has_train_and_gen_on_two_nodes() -> None:

@@ -66,6 +66,22 @@ def job(run_dir: Path, job_id: str):
     return HetSlurmJob(folder=run_dir / "submitit", job_id=job_id)
 
 
+def poke_scheduler(job_id: str) -> str:
+    """The job's `scontrol` line; an eligible pending job gets a no-op update.
+
+    NOTE: Slurm 22.05 schedules het jobs only in backfill, and backfill runs only after
+    some job/node/partition change. On the idle test cluster a requeued het job whose
+    BeginTime has passed can therefore wait minutes for an unrelated event; a busy
+    cluster has such events all the time. A no-op `scontrol update` is that event.
+    """
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    if "JobState=PENDING" in out and "Reason=None" in out:
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "Nice=0"], capture_output=True,
+                       timeout=30)
+    return out
+
+
 def wait_done(run_dir: Path, job_id: str, timeout: float = 600) -> str:
     """Wait through submitit (het-aware watcher) until the job is finished; its state."""
     handle = job(run_dir, job_id)
@@ -73,6 +89,7 @@ def wait_done(run_dir: Path, job_id: str, timeout: float = 600) -> str:
     while time.monotonic() < deadline:
         if handle.done(force_check=True):
             return handle.state
+        poke_scheduler(job_id)
         time.sleep(1)
     subprocess.run(["scancel", job_id], timeout=30)
     raise AssertionError(f"job {job_id} not done after {timeout} s: {handle.state}")
@@ -91,8 +108,7 @@ def wait_restart(job_id: str, restarts: int, timeout: float = 180) -> None:
     """Until Slurm runs the job again with SLURM_RESTART_COUNT = restarts."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                             text=True, timeout=30).stdout
+        out = poke_scheduler(job_id)
         if f"Restarts={restarts}" in out and "JobState=RUNNING" in out:
             return
         time.sleep(0.5)
