@@ -22,6 +22,7 @@ TAG_SHARD = 11  # generator -> trainers: a published shard
 TAG_CONTROL = 12  # trainer 0 -> generators: {"kind": "sync"|"stop", ...}
 TAG_RENDEZVOUS = 13  # trainer 0 -> all: torch.distributed address
 
+SEND_PROGRESS_S = 1.0
 _SLEEP_MIN_S = 0.0002
 _SLEEP_MAX_S = 0.005
 
@@ -37,10 +38,20 @@ class Control:
         self._pending: list[tuple[MPI.Request, bytes]] = []
 
     def send(self, obj: dict[str, Any], dest: int, tag: int) -> None:
-        """Non-blocking send; the buffer is kept alive until the request completes."""
+        """Send without blocking for long; the buffer stays alive until the send completes.
+
+        NOTE: Open MPI's TCP transport connects on the first message and only while the
+        sender keeps calling MPI: a sender that goes straight into a long torch call (the
+        rendezvous, a training step) would hold the message back. So each send is driven
+        for up to `SEND_PROGRESS_S` (a small message completes in microseconds once
+        connected); what is still pending then is driven by later calls and `flush`.
+        """
         data = json.dumps(obj).encode()
         request = self.comm.Isend([data, MPI.BYTE], dest=dest, tag=tag)
         self._pending.append((request, data))
+        deadline = time.monotonic() + SEND_PROGRESS_S
+        while not request.Test() and time.monotonic() < deadline:
+            time.sleep(_SLEEP_MIN_S)
         self._pending = [(r, d) for r, d in self._pending if not r.Test()]
 
     def poll(self, source: int, tag: int) -> dict[str, Any] | None:

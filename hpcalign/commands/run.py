@@ -14,5 +14,5 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hpcalign run", description=HELP)
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return run_local(load_config(args.config, args.overrides))

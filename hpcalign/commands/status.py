@@ -64,8 +64,14 @@ def format_status(status: dict) -> str:
              f" of {status.get('steps', '?')}, policy version {status.get('policy_version', 0)})"]
     slurm = status.get("slurm")
     if slurm:
-        lines.append(f"slurm:      job {slurm.get('job_id')}  " + "  ".join(
-            f"{name}={info}" for name, info in (slurm.get("components") or {}).items()))
+        lines.append(f"slurm:      job {slurm.get('job_id')} {slurm.get('state')}  " + "  ".join(
+            f"{name}: {info}" for name, info in (slurm.get("components") or {}).items()))
+        if slurm.get("restarts"):
+            lines.append(f"requeued:   {slurm['restarts']} time(s)")
+        if slurm.get("failure"):
+            lines.append(f"failure:    {slurm['failure']}")
+        if slurm.get("slurm_error"):
+            lines.append(f"slurm said: {slurm['slurm_error']}")
     last = status.get("last_metrics")
     if last:
         lines.append(f"last step:  {last['step']}  reward {last.get('reward_mean', float('nan')):.3f}"
@@ -87,4 +93,5 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     status = collect_status(args.run_dir)
     print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
-    return 1 if status.get("errors") else 0
+    failed = status.get("errors") or (status.get("slurm") or {}).get("failure")
+    return 1 if failed else 0

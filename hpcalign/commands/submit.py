@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. slurm.gen.nodes=2")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the sbatch script that would be submitted; change nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `CONFIG --dry-run k=v` works too
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from hpcalign.launch.sbatch_text import hetjob_sbatch_text

@@ -212,6 +212,7 @@ def write_shard(path: str, batch: RolloutBatch, *, compression: str | None = Non
     except BaseException:
         _remove_quietly(tmp)
         raise
+    _remove_stale_temps(directory, os.path.basename(path))
     _fsync_dir(directory)
     return ShardInfo(path=path, size_bytes=size_bytes, checksum=digest)
 
@@ -309,6 +310,18 @@ def _makedirs_private(directory: str) -> None:
     except FileExistsError:
         return  # another rank made it first
     _fsync_dir(parent)
+
+
+def _remove_stale_temps(directory: str, name: str) -> None:
+    """Delete temp files of earlier attempts at `name` (writers killed mid-write).
+
+    NOTE: each shard path has one writer (a generator rank, or one offline-rollout task),
+    so once this attempt's rename is done every other `.<name>.tmp-*` is a dead one's.
+    """
+    prefix = f".{name}.tmp-"
+    for entry in os.listdir(directory):
+        if entry.startswith(prefix):
+            _remove_quietly(os.path.join(directory, entry))
 
 
 def _fsync_dir(directory: str) -> None:

@@ -407,3 +407,16 @@ def test_chunks_are_even_and_not_padded(tmp_path, monkeypatch):
         num_chunks = -(-len(tokens) // chunk)
         assert chunk * 4 <= 400 and chunk * num_chunks - len(tokens) < num_chunks
     assert_same(batch, read_shard(info.path))
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    batch = make_batch()
+    path = tmp_path / "step-000003" / "shard-0000.h5"
+    path.parent.mkdir()
+    stale = path.parent / ".shard-0000.h5.tmp-999-deadbeef"  # a writer SIGKILLed mid-write
+    stale.write_bytes(b"half a shard")
+    other = path.parent / ".shard-0001.h5.tmp-998-cafe0000"  # another rank's: not ours
+    other.write_bytes(b"x")
+    write_shard(str(path), batch)
+    assert not stale.exists() and other.exists()
+    assert read_shard(str(path)).step == batch.step
