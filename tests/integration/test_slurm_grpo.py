@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from local_runs import QUICKSTART, TINY, checkpoint_tensors, metrics, shard_checksums
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -339,7 +340,8 @@ def test_submit_quickstart_unchanged_learns(tmp_path):
     assert rows[f"{job_id}+0"]["partition"] == "train"
     assert rows[f"{job_id}+1"]["partition"] == "gen"
     rows = metrics(run_dir)
-    assert len(rows) == 400
+    steps = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["trainer"]["steps"]
+    assert len(rows) == steps
     first = sum(r["reward_mean"] for r in rows[:25]) / 25
     last = sum(r["reward_mean"] for r in rows[-25:]) / 25
     assert last > first + 0.2, (first, last)
