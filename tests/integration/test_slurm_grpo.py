@@ -24,6 +24,7 @@ from local_runs import QUICKSTART, TINY, checkpoint_tensors, metrics, shard_chec
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
+LONG_STEPS = 2500
 
 
 def _controller_up() -> bool:
@@ -218,7 +219,9 @@ def test_real_time_limit_warning_checkpoints_and_requeues(tmp_path):
     come up to a minute early), long after the ranks started and long before the limit.
     """
     run_dir = tmp_path / "time-limit"
-    job_id = submit(run_dir, "trainer.steps=300", "checkpoint.every_steps=50",
+    # NOTE: enough steps that the run outlasts the first warning (60-120 s into an attempt)
+    # on an idle machine too: ~0.07 s a TINY step here, 300 steps ended before any signal.
+    job_id = submit(run_dir, f"trainer.steps={LONG_STEPS}", "checkpoint.every_steps=200",
                     "slurm.train.time_min=3", "slurm.gen.time_min=3",
                     "slurm.signal_before_end_s=60", "slurm.max_requeues=10")
     assert wait_done(run_dir, job_id, timeout=1400) == "COMPLETED"
@@ -226,7 +229,7 @@ def test_real_time_limit_warning_checkpoints_and_requeues(tmp_path):
     assert first["action"] == "requeued" and first["state"] == "preempted", first
     assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
     rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == list(range(300))  # every step once: none lost or redone
+    assert [r["step"] for r in rows] == list(range(LONG_STEPS))  # each step once: none lost/redone
     assert max(int(r["restart_count"]) for r in rows) >= 1
     assert "TIMEOUT" not in sh("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State")
 
@@ -371,6 +374,16 @@ def test_rollout_array_sbatch_runs_every_slice(reference, tmp_path):
     while sh("squeue", "-h", "-j", array_id).strip():
         assert time.monotonic() < deadline, "rollout array still running"
         time.sleep(1)
-    rows = sh("sacct", "-X", "-n", "-P", "-j", array_id, "-o", "JobID,State").split()
-    assert len(rows) == 2 and all(r.endswith("|COMPLETED") for r in rows), rows
+    # NOTE: slurmdbd records array tasks a moment after squeue forgets them (seen: only
+    # "ID|COMPLETED" for task 0 at first, "ID_0"/"ID_1" a little later): poll, bounded.
+    deadline = time.monotonic() + 60
+    while True:
+        rows = sh("sacct", "-X", "-n", "-P", "-j", array_id, "-o", "JobID,State").split()
+        done = len(rows) == 2 and all(r.endswith("|COMPLETED") for r in rows)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done, rows
+    assert sorted(p.name for p in out.glob("rollout-summary-*.json")) == [
+        "rollout-summary-0000.json", "rollout-summary-0001.json"]
     assert any(out.rglob("*.h5")), list(out.rglob("*"))
