@@ -11,26 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from slurm_cluster import SLURM_ONLY, sh
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _controller_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+pytestmark = SLURM_ONLY
 
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
-    not _controller_up(), reason="no Slurm controller answers `sinfo` (run: tools/slurm-test-cluster up)")]
-
-
-def sh(*argv: str, timeout: float = 30) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{argv}: {proc.stderr}"
-    return proc.stdout
 
 
 def wait_gone(job_id: str, timeout: float = 300) -> None:

@@ -21,28 +21,17 @@ import pytest
 import torch
 import yaml
 from local_runs import QUICKSTART, TINY, checkpoint_tensors, metrics, shard_checksums
+from slurm_cluster import SLURM_ONLY, sh
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
 LONG_STEPS = 2500
 
 
-def _controller_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
-    not _controller_up(), reason="no Slurm controller answers `sinfo` (run: tools/slurm-test-cluster up)")]
+pytestmark = SLURM_ONLY
 
 
 # ---------------------------------------------------------------- helpers
-def sh(*argv: str, timeout: float = 30) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{argv}: {proc.stderr}"
-    return proc.stdout
 
 
 def hpcalign(*args: str, cwd: Path = ROOT, timeout: float = 300,

@@ -14,25 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from slurm_cluster import SLURM_ONLY
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _controller_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(
-        not _controller_up(),
-        reason="no Slurm controller answers `sinfo` (run: tools/slurm-test-cluster up)",
-    ),
-]
+pytestmark = SLURM_ONLY
 
 
 def test_tiny_sweep_measures_on_slurm(tmp_path: Path) -> None:
