@@ -79,7 +79,8 @@ def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
         if record and name.startswith("rank-"):
             records.append(record)
     if records:
-        first = min(records, key=lambda r: r.get("time", 0))
+        primary = [r for r in records if not r.get("secondary")] or records
+        first = min(primary, key=lambda r: r.get("time", 0))
         return f"{first['role']} on {first['host']} failed: {first['error']}"
     if match:
         return _describe_dead_rank(plan, match)

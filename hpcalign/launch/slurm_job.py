@@ -97,8 +97,9 @@ def explain_failure(run_dir: str, rc: int, srun_log: str, trainer_ranks: int,
                     layout: list[ComponentLayout]) -> tuple[str, dict | None]:
     """(one line naming who failed, a record for errors/job-<id>.json or None).
 
-    The rank's own record wins (it has the Python error); a rank killed by a signal
-    (kill -9, OOM killer) writes none, so srun's first "task N: Killed" line names it:
+    The rank's own record wins (it has the Python error), unless it is `secondary` (the rank
+    only saw a peer go away); a rank killed by a signal (kill -9, OOM killer) writes none,
+    so srun's first "task N: Killed" line names it:
     srun numbers tasks within their component, and the host tells the component.
     """
     errors_dir = os.path.join(run_dir, "errors")
@@ -108,11 +109,14 @@ def explain_failure(run_dir: str, rc: int, srun_log: str, trainer_ranks: int,
             record = read_json(os.path.join(errors_dir, name))
             if record and isinstance(record.get("rank"), int):
                 records.append(record)
-    if records:
-        first = min(records, key=lambda r: r.get("time", 0))
+    primary = [r for r in records if not r.get("secondary")]
+    match = _SRUN_TASK_ERROR.search(srun_log)
+    # a rank that merely saw its peer die ("connection reset") is no root cause when srun
+    # names a task that died
+    if primary or (records and not match):
+        first = min(primary or records, key=lambda r: r.get("time", 0))
         who = describe_rank(first["rank"], trainer_ranks, layout)
         return f"{who} on {first.get('host')} failed: {first.get('error')}", None
-    match = _SRUN_TASK_ERROR.search(srun_log)
     if match:
         host, task, what = match["host"], _first_task(match["tasks"]), match["what"].strip()
         comps = [c for c in layout if host in c.hosts] or layout[:1]

@@ -44,6 +44,8 @@ def _peer_failure(err: BaseException) -> bool:
 def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> None:
     record = {"rank": rank, "role": who, "host": socket.gethostname(),
               "error": f"{type(err).__name__}: {err}", "time": time.time(),
+              # a peer's death seen from here: the launcher prefers direct evidence
+              "secondary": _peer_failure(err),
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "component": os.environ.get("SLURM_HET_JOB_ID_OFFSET") or os.environ.get(
                   "SLURM_PACK_GROUP")}

@@ -64,6 +64,20 @@ def test_own_error_record_wins(tmp_path: Path) -> None:
     assert record is None  # the rank's own record is already in errors/
 
 
+def test_a_peer_seen_dying_is_no_root_cause_when_srun_names_the_killed_task(tmp_path: Path) -> None:
+    """kill -9 of the generator: the trainer's "connection reset" record is secondary."""
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "rank-0.json").write_text(json.dumps(
+        {"rank": 0, "role": "trainer 0 (world rank 0)", "host": "vm2", "secondary": True,
+         "error": "RuntimeError: weight sync ... Connection reset by peer", "time": time.time()}))
+    line, record = explain_failure(str(tmp_path), 137, KILLED, 1, job_layout(1, 1, HET_ENV_GEN_ON_VM1))
+    assert line.startswith("generator 0 (world rank 1) in het component 1 (gen) on vm1 died: Killed")
+    assert record is not None and record["rank"] == 1
+    # without srun's word the secondary record is still better than nothing
+    line, _ = explain_failure(str(tmp_path), 137, "", 1, job_layout(1, 1, HET_ENV_GEN_ON_VM1))
+    assert line.startswith("trainer 0 (world rank 0)")
+
+
 def test_unexplained_failure_still_says_where_to_look(tmp_path: Path) -> None:
     line, record = explain_failure(str(tmp_path), 3, "", 1, job_layout(1, 1, HET_ENV_GEN_ON_VM2))
     assert "exited with status 3" in line and str(tmp_path) in line
