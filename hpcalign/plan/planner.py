@@ -7,6 +7,7 @@ and the sweep call it once per candidate. Every infeasible plan says why, with n
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,44 +331,19 @@ def _times(
             plan.phases_s["generate"] = phase.total_s
             total_flops += phase.model_flops
             continue
-        fwd = flops.train_time(
-            shape,
-            counts,
-            hw,
-            rp.tp,
-            rp.pp,
-            rp.dp,
-            samples,
-            b.seq,
-            b.micro_batch,
-            tr.recompute,
-            rp.vpp,
-            forward_only=True,
-        )
-        if rp.role in ("reference", "reward") or rp.role == "critic":
-            key = {
-                "reference": "reference_logprobs",
-                "reward": "reward_scores",
-                "critic": "critic_values",
-            }[rp.role]
-            plan.phases_s[key] = fwd.total_s
+        # the same layout and batch for the forward-only and the training estimate
+        role_time = functools.partial(flops.train_time, shape, counts, hw, rp.tp, rp.pp, rp.dp,
+                                      samples, b.seq, b.micro_batch, tr.recompute, rp.vpp)
+        forward_phase = {"reference": "reference_logprobs", "reward": "reward_scores",
+                         "critic": "critic_values"}.get(rp.role)
+        if forward_phase:
+            fwd = role_time(forward_only=True)
+            plan.phases_s[forward_phase] = fwd.total_s
             train_side += fwd.total_s
             total_flops += fwd.model_flops
             rp.time.update({f"forward_{k}": v for k, v in fwd.as_dict().items()})
         if rp.role in TRAINABLE:
-            step = flops.train_time(
-                shape,
-                counts,
-                hw,
-                rp.tp,
-                rp.pp,
-                rp.dp,
-                samples,
-                b.seq,
-                b.micro_batch,
-                tr.recompute,
-                rp.vpp,
-            )
+            step = role_time()
             scaled = _scaled(step, b.updates_per_step)
             rp.time.update(scaled)
             plan.phases_s[f"train_{rp.role}"] = scaled["total_s"]
