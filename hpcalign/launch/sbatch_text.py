@@ -67,8 +67,15 @@ srun --mpi=pmix --kill-on-bad-exit=1 \\
     "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role trainer "$HPCALIGN_RUN_DIR" \\
   : --output="$logs/slurm-$attempt-generator-%t.out" "${HPCALIGN_GEN_SRUN_ARGS[@]}" \\
     "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role generator "$HPCALIGN_RUN_DIR" \\
-    2>>"$logs/slurm-$attempt-srun.err"
+    2>>"$logs/slurm-$attempt-srun.err" &
+srun_pid=$!
+# A bounded wait: the watcher stops an srun that outlives its job step (seen with het steps).
+"$HPCALIGN_PYTHON" -m hpcalign.launch.slurm_job watch-step --pid "$srun_pid" \\
+    "$HPCALIGN_RUN_DIR" 2>>"$logs/slurm-$attempt-srun.err" &
+watch_pid=$!
+wait "$srun_pid"
 rc=$?
+kill "$watch_pid" 2>/dev/null
 # Done, requeue (preempted and SLURM_RESTART_COUNT < slurm.max_requeues) or report a failure.
 "$HPCALIGN_PYTHON" -m hpcalign.launch.slurm_job after-step --rc "$rc" "$HPCALIGN_RUN_DIR"
 """

@@ -22,6 +22,9 @@ job does next, from RUN_DIR/state.json (written by the roles) and srun's exit st
                                  RUN_DIR/errors/job-<id>.json when no rank could write one,
                                  and the job exits non-zero.
 Every attempt leaves RUN_DIR/logs/slurm-<job>.<restart>-outcome.json for `hpcalign status`.
+
+`watch-step --pid SRUN_PID RUN_DIR` runs beside srun and stops it if it outlives its own
+job step (see hpcalign/launch/step_watch.py), so the wait for srun is bounded.
 (A requeue by Slurm itself — `scontrol requeue`, preemption — kills the batch shell with
 SIGTERM; the roles checkpoint on that SIGTERM and Slurm restarts the job on its own.)
 """
@@ -39,6 +42,7 @@ import time
 from dataclasses import dataclass
 
 from hpcalign.launch.rundir import atomic_write_text, read_json
+from hpcalign.launch.step_watch import GRACE_S, POLL_S, stopped_record_path, watch_step
 
 REQUEUE_TIMEOUT_S = 60.0
 _SRUN_TASK_ERROR = re.compile(
@@ -149,6 +153,11 @@ def after_step(run_dir: str, rc: int) -> int:
     state = read_json(os.path.join(run_dir, "state.json")) or {}
     outcome: dict = {"job_id": job_id, "restart": restart, "rc": rc, "state": state.get("state"),
                      "step": state.get("step"), "failure": None, "time": time.time()}
+    if os.path.exists(stopped_record_path(run_dir, dict(os.environ))):
+        # every task had ended and the watcher stopped a lingering srun: its exit status is
+        # the watcher's signal, not the ranks'; state.json and the error records decide
+        outcome["srun_stopped"] = True
+        rc = 0
     stop_marker = os.path.join(run_dir, "stop-requested")
     exit_status = 0
     if rc == 0 and state.get("state") == "done":
@@ -251,12 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     after = sub.add_parser("after-step", help="done / requeue / failure after the job step")
     after.add_argument("--rc", type=int, required=True)
     after.add_argument("run_dir")
+    watch = sub.add_parser("watch-step", help="stop an srun that outlives its job step")
+    watch.add_argument("--pid", type=int, required=True)
+    watch.add_argument("--poll-s", type=float, default=POLL_S)
+    watch.add_argument("--grace-s", type=float, default=GRACE_S)
+    watch.add_argument("run_dir")
     args = parser.parse_args(argv)
     from hpcalign.errors import UserError
 
     try:
         if args.command == "prepare":
             sys.stdout.write(prepare(args.config, args.overrides, args.colocated))
+            return 0
+        if args.command == "watch-step":
+            watch_step(args.pid, os.path.abspath(args.run_dir), poll_s=args.poll_s,
+                       grace_s=args.grace_s)
             return 0
         return after_step(os.path.abspath(args.run_dir), args.rc)
     except UserError as err:

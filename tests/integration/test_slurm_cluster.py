@@ -5,6 +5,7 @@ Needs `tools/slurm-test-cluster up` (make test does it); skipped when no control
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,3 +114,34 @@ def test_weird_values_survive_real_sbatch(weird_tmp_path: Path, tmp_path: Path) 
     assert f"slurm-{job_id}.0-srun.err" in logs, logs
     for where in (tmp_path, weird_tmp_path, Path(run_dir), ROOT):
         assert not (where / "PWNED").exists(), f"a config value was executed (in {where})"
+
+
+def test_step_watcher_stops_a_process_that_outlives_its_step(tmp_path: Path) -> None:
+    """watch-step on real Slurm: it sees the het step run (both components' step ids from a
+    real squeue), sees it end, and after the grace stops the process standing in for an
+    srun that hangs on; without it this job would sleep until its time limit."""
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    script = tmp_path / "watch.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --output={tmp_path}/out-%j.txt\n"
+        "#SBATCH --partition=train --ntasks=1 --time=5\n"
+        "#SBATCH hetjob\n"
+        "#SBATCH --partition=gen --ntasks=1 --time=5\n"
+        "srun sleep 6 : sleep 6 &\n"
+        "sleep 600 &\n"
+        "lingering=$!\n"
+        f"{sys.executable} -m hpcalign.launch.slurm_job watch-step --pid $lingering "
+        f"--poll-s 1 --grace-s 3 {run_dir}\n"
+        "wait $lingering\n"
+        f"echo \"rc=$?\" > {tmp_path}/rc\n")
+    start = time.monotonic()
+    job_id = sh("sbatch", "--parsable", str(script)).strip()
+    wait_gone(job_id, timeout=120)
+    assert time.monotonic() - start < 60
+    assert (tmp_path / "rc").read_text().strip() == "rc=143"  # SIGTERM from the watcher
+    record = json.loads((run_dir / "logs" / f"slurm-{job_id}.0-srun-stopped.json").read_text())
+    assert record["lingered_s"] >= 3
+    out = (tmp_path / f"out-{job_id}.txt").read_text()
+    assert "still running" in out and "after its job step ended" in out, out

@@ -24,7 +24,7 @@ from local_runs import QUICKSTART, TINY, checkpoint_tensors, metrics, shard_chec
 from slurm_cluster import SLURM_ONLY, sh
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 12
+STEPS = 48  # enough that a signal sent after a restart lands mid-run
 LONG_STEPS = 6000
 
 
@@ -86,10 +86,12 @@ def wait_done(run_dir: Path, job_id: str, timeout: float = 600) -> str:
     raise AssertionError(f"job {job_id} not done after {timeout} s: {handle.state}")
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float = 400) -> None:
+def wait_for_step(run_dir: Path, step: int, timeout: float = 400, restart: int = 0) -> None:
+    """Until attempt `restart` of the job has logged a step >= `step` (so its ranks are up)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(row["step"] >= step for row in metrics(run_dir)):
+        if any(row["step"] >= step and int(row["restart_count"]) == restart
+               for row in metrics(run_dir)):
             return
         time.sleep(0.2)
     raise AssertionError(f"no step {step} in {run_dir} within {timeout} s")
@@ -181,7 +183,10 @@ def test_requeue_and_time_limit_signal_resume_bitwise(reference, tmp_path):
     wait_restart(job_id, 1)
     # 2) the warning `--signal=USR1@N` sends before the time limit (sent now, to the steps):
     #    the roles checkpoint and exit, the job script requeues itself
-    wait_for_step(run_dir, 7)
+    # NOTE: a step of the restarted attempt, not just any step >= 7: the first attempt may
+    # already have logged step 7, and a USR1 sent before the new ranks install their
+    # handlers (or before srun started them) is lost or kills the rank.
+    wait_for_step(run_dir, 7, restart=1)
     sh("scancel", "--signal=USR1", job_id)
     wait_restart(job_id, 2)
     assert wait_done(run_dir, job_id) == "COMPLETED"
