@@ -29,6 +29,12 @@ class Component(Section):
         default_factory=list,
         description="Extra srun arguments for this component, e.g. ['--container-image=x.sqsh'].",
     )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines every rank of this component runs before its Python starts "
+        "(module loads or a venv for this partition's nodes); slurm.setup runs once, in the "
+        "batch shell, before the job step.",
+    )
 
 
 def _gen_default() -> Component:

@@ -10,8 +10,10 @@ generators, the same shape as local mode's `mpiexec -n T A : -n G B`.
 Safety: every config value that reaches the text is `shlex.quote`d once, where it is
 assigned; the job step only uses the variables, double-quoted. Values with a newline,
 carriage return or NUL are refused (`ConfigError`), because Slurm reads `#SBATCH` headers
-line by line and a newline would start a new shell line. `slurm.setup` is the one field
-that is shell code by design (module loads, venv activation) and is written as is.
+line by line and a newline would start a new shell line. `slurm.setup`
+and `slurm.<component>.setup` are the fields that are shell code by design (module loads,
+venv activation): `slurm.setup` is written as is, the per-component lines are quoted into
+a variable that each rank runs with `bash -c`.
 
 `JOB_STEP` is shared word for word with `sbatch/hetjob.sbatch` (a test holds them equal),
 so the hand-written script and `hpcalign submit` run the same thing.
@@ -47,7 +49,9 @@ _MANAGED_FLAGS = {
 }
 
 # The job step, shared word for word with sbatch/hetjob.sbatch. It expects HPCALIGN_RUN_DIR,
-# HPCALIGN_PYTHON and the arrays HPCALIGN_TRAIN_SRUN_ARGS / HPCALIGN_GEN_SRUN_ARGS.
+# HPCALIGN_PYTHON, the arrays HPCALIGN_TRAIN_SRUN_ARGS / HPCALIGN_GEN_SRUN_ARGS and the
+# strings HPCALIGN_TRAIN_SETUP / HPCALIGN_GEN_SETUP (shell lines each rank of the component
+# runs, through `bash -c`, before it execs Python: the rank keeps its pid and its env).
 # NOTE: logs are named with ${SLURM_JOB_ID} (the leader's id in every component), never %j:
 # in a het step srun expands %j to the component's own id. srun numbers tasks in its %t in
 # its own way across components; the roles' RUN_DIR/logs/rank-N.log carry the world rank.
@@ -64,8 +68,10 @@ mkdir -p -- "$logs" "$HPCALIGN_RUN_DIR/errors"
 rm -f -- "$HPCALIGN_RUN_DIR"/errors/*.json  # failures of an earlier attempt
 srun --mpi=pmix --kill-on-bad-exit=1 \\
     --output="$logs/slurm-$attempt-trainer-%t.out" "${HPCALIGN_TRAIN_SRUN_ARGS[@]}" \\
+    bash -c "$HPCALIGN_TRAIN_SETUP"$'\\nexec "$@"' trainer-setup \\
     "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role trainer "$HPCALIGN_RUN_DIR" \\
   : --output="$logs/slurm-$attempt-generator-%t.out" "${HPCALIGN_GEN_SRUN_ARGS[@]}" \\
+    bash -c "$HPCALIGN_GEN_SETUP"$'\\nexec "$@"' generator-setup \\
     "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role generator "$HPCALIGN_RUN_DIR" \\
     2>>"$logs/slurm-$attempt-srun.err" &
 srun_pid=$!
@@ -196,6 +202,8 @@ def job_body(cfg: Config, run_dir: str, python: str) -> str:
         f"HPCALIGN_PYTHON={shlex.quote(python)}",
         _array("HPCALIGN_TRAIN_SRUN_ARGS", cfg.slurm.train.srun_args),
         _array("HPCALIGN_GEN_SRUN_ARGS", cfg.slurm.gen.srun_args),
+        f"HPCALIGN_TRAIN_SETUP={shlex.quote(chr(10).join(cfg.slurm.train.setup))}",
+        f"HPCALIGN_GEN_SETUP={shlex.quote(chr(10).join(cfg.slurm.gen.setup))}",
     ]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(cfg.slurm.env.items())]
     return "\n".join(lines) + "\n" + JOB_STEP

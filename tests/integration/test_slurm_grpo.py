@@ -289,6 +289,25 @@ def test_cancel_ends_the_job(tmp_path):
     assert "nothing to cancel" in hpcalign("cancel", str(run_dir)).stdout
 
 
+def test_component_setup_lines_run_in_each_rank_before_python(tmp_path):
+    """slurm.train.setup / slurm.gen.setup run on their own component's nodes, per rank.
+
+    (Not $SLURM_JOB_PARTITION: inside a het step every task sees the last component's.)"""
+    run_dir = tmp_path / "setup"
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    job_id = submit(run_dir, "trainer.steps=2",
+                    f'slurm.train.setup=["echo $SLURM_PROCID $SLURMD_NODENAME '
+                    f'>> {seen}/trainer"]',
+                    f'slurm.gen.setup=["export FROM_SETUP=gen", '
+                    f'"echo $SLURM_PROCID $SLURMD_NODENAME $FROM_SETUP >> {seen}/generator"]')
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    rows = sacct_components(job_id)
+    trainer_node, generator_node = rows[f"{job_id}+0"]["nodes"], rows[f"{job_id}+1"]["nodes"]
+    assert (seen / "trainer").read_text() == f"0 {trainer_node}\n"  # world rank 0
+    assert (seen / "generator").read_text() == f"1 {generator_node} gen\n"
+
+
 def test_hetjob_sbatch_runs_the_same_step_as_submit(reference, tmp_path):
     """sbatch/hetjob.sbatch: same srun line as `hpcalign submit` (as Slurm recorded both)."""
     ref_dir, ref_job = reference

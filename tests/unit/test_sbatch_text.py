@@ -69,6 +69,7 @@ def weird_config(run_dir: str) -> Config:
         slurm__train__srun_args=["--container-image=/img dir/it's $(touch PWNED).sqsh"],
         slurm__gen__constraint="a100&`touch PWNED`",
         slurm__gen__srun_args=["--export=ALL", WEIRD_VALUE],
+        slurm__gen__setup=[f"export SETUP_SAW={shlex.quote(WEIRD_VALUE)}", "cd /"],
     )
 
 
@@ -113,7 +114,10 @@ def test_weird_values_reach_srun_intact_and_run_nothing(weird_tmp_path: Path,
     """Run the generated script in bash (srun and python stubbed): values arrive unchanged."""
     run_dir = str(weird_tmp_path / "run")
     python = weird_tmp_path / "py thon's"
-    python.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$STUB_OUT/python-argv"\n')
+    # each call of the stub python records its argv (and what a setup line exported) under
+    # a name from its third argument: after-step, watch-step or hpcalign.roles.main
+    python.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$STUB_OUT/python-$3"\n'
+                      'printf "%s" "$SETUP_SAW" > "$STUB_OUT/setup-saw-$3"; pwd > "$STUB_OUT/pwd"\n')
     python.chmod(0o755)
     cfg = weird_config(run_dir)
     script = tmp_path / "job.sbatch"
@@ -126,16 +130,28 @@ def test_weird_values_reach_srun_intact_and_run_nothing(weird_tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     srun_argv = (tmp_path / "srun-argv").read_text().split("\0")[:-1]
     logs = f"{run_dir}/logs"
+    gen_setup = f"export SETUP_SAW={shlex.quote(WEIRD_VALUE)}\ncd /\nexec \"$@\""
     assert srun_argv == [
         "--mpi=pmix", "--kill-on-bad-exit=1", f"--output={logs}/slurm-42.0-trainer-%t.out",
         "--container-image=/img dir/it's $(touch PWNED).sqsh",
+        "bash", "-c", '\nexec "$@"', "trainer-setup",
         str(python), "-u", "-m", "hpcalign.roles.main", "--role", "trainer", run_dir,
         ":", f"--output={logs}/slurm-42.0-generator-%t.out", "--export=ALL", WEIRD_VALUE,
+        "bash", "-c", gen_setup, "generator-setup",
         str(python), "-u", "-m", "hpcalign.roles.main", "--role", "generator", run_dir,
     ]
     assert (tmp_path / "env").read_text() == WEIRD_VALUE
-    python_argv = (tmp_path / "python-argv").read_text().split("\0")[:-1]
+    python_argv = (tmp_path / "python-after-step").read_text().split("\0")[:-1]
     assert python_argv == ["-m", "hpcalign.launch.slurm_job", "after-step", "--rc", "0", run_dir]
+    # what srun would start for a generator rank: its setup runs, then Python with its argv
+    generator = srun_argv[srun_argv.index("generator-setup") - 3:]
+    rank = subprocess.run(generator, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert rank.returncode == 0, rank.stderr
+    assert (tmp_path / "python-hpcalign.roles.main").read_text().split("\0")[:-1] == [
+        "-u", "-m", "hpcalign.roles.main", "--role", "generator", run_dir]
+    assert (tmp_path / "setup-saw-hpcalign.roles.main").read_text() == WEIRD_VALUE
+    assert (tmp_path / "pwd").read_text().strip() == "/"  # the setup's `cd /` ran first
     assert Path(logs).is_dir()
     for where in (tmp_path, weird_tmp_path, Path.cwd()):
         assert not (where / "PWNED").exists(), f"a config value was executed (in {where})"
