@@ -2,10 +2,12 @@
 
 The job script runs the MPMD step as `srun ... &` and waits for it. Normally srun exits
 within a second of its last task. On the test cluster (Slurm 22.05, a het step across two
-components) an srun was seen to stay alive after both components' steps had ended
-(slurmd: "done with job") until the job's time limit, so the script never reached
-`after-step`: a checkpointed, preempted run timed out instead of requeueing itself. That
-wait must be bounded like every other one.
+components) an srun now and then stays alive after both components' steps have ended
+(slurmd: "done with job"), after a USR1 checkpoint and after a plain finished run alike;
+it ignores SIGTERM ("forcing job termination") and goes only on SIGKILL. Once, in CI, it
+stayed until the job's time limit, so the script never reached `after-step`: a
+checkpointed, preempted run timed out instead of requeueing itself. That wait must be
+bounded like every other one.
 
 `watch_step` polls `squeue --steps` for the job's steps (batch and extern steps aside). Once
 it has seen a step running and then sees none for `grace_s`, it records
@@ -109,7 +111,7 @@ def _stop(pid: int, run_dir: str, env: dict[str, str], lingered_s: float) -> Non
     atomic_write_text(stopped_record_path(run_dir, env), json.dumps(record) + "\n")
     print(f"hpcalign: srun (pid {pid}) still running {lingered_s:.0f} s after its job step "
           f"ended; stopping it", file=sys.stderr, flush=True)
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
