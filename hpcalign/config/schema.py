@@ -35,6 +35,9 @@ class ModelConfig(Section):
         None, description="If set and `path` holds no model, build a tiny one there first."
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype.")
+    autocast: Literal["none", "bf16"] = Field(
+        "none", description="bf16: forward passes under torch.autocast(bfloat16); weights, "
+        "optimizer state, log-probs and losses stay float32 (models/precision.py).")
 
 
 class TaskConfig(Section):

@@ -19,6 +19,7 @@ from hpcalign.data.rollout import SamplingParams, sample_rollouts
 from hpcalign.data.shards import shard_path, write_shard
 from hpcalign.data.tasks import make_task, prompts_for_step
 from hpcalign.models.hf import load_model
+from hpcalign.models.precision import autocast
 from hpcalign.models.tokenizer import char_symbols
 from hpcalign.roles.context import RoleContext, shard_seed
 
@@ -69,10 +70,11 @@ class Generator:
         per_rank = gen.prompts_per_step // gen.ranks
         indices = prompts_for_step(self.task, step, gen.prompts_per_step, cfg.seed)
         mine = np.asarray(indices[self.index * per_rank:(self.index + 1) * per_rank], np.int64)
-        batch = sample_rollouts(self.model, self.tokenizer, self.task, mine, self.sampling,
-                                seed=shard_seed(cfg.seed, step, self.index), step=step,
-                                policy_version=self.version, generator_rank=self.index,
-                                attrs={"task": self.task.name})  # no timings: equal bytes
+        with autocast(self.model, cfg.model.autocast):
+            batch = sample_rollouts(self.model, self.tokenizer, self.task, mine, self.sampling,
+                                    seed=shard_seed(cfg.seed, step, self.index), step=step,
+                                    policy_version=self.version, generator_rank=self.index,
+                                    attrs={"task": self.task.name})  # no timings: equal bytes
         time_sample = time.perf_counter() - start
         info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
         elapsed = time.perf_counter() - start

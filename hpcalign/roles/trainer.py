@@ -30,6 +30,7 @@ from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
 from hpcalign.models.hf import load_model, save_model
 from hpcalign.models.logprobs import pack_sequences, token_logprobs
+from hpcalign.models.precision import autocast
 from hpcalign.models.sampler import sample
 from hpcalign.roles.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from hpcalign.roles.context import RoleContext, restart_count
@@ -84,7 +85,8 @@ class Trainer:
             answers = [[*tokenizer.encode(self.task.answer(int(i)), add_special_tokens=False),
                         tokenizer.eos_token_id] for i in indices]
             batch = pack_sequences(prompts, answers, tokenizer.pad_token_id)
-            logp, _ = token_logprobs(model, batch)
+            with autocast(model, self.cfg.model.autocast):
+                logp, _ = token_logprobs(model, batch)
             loss = sft_loss(logp, batch["completion_mask"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,10 +198,12 @@ class Trainer:
             for row, i in enumerate(rows):
                 start = len(prompts[i])
                 old_logp[row, start:start + len(old[i])] = torch.from_numpy(old[i].astype(np.float32))
-            with torch.no_grad():
+            precision = self.cfg.model.autocast
+            with torch.no_grad(), autocast(self.reference, precision):
                 ref_logp, _ = token_logprobs(self.reference, batch, self.cfg.generator.temperature)
-            logp, entropy = token_logprobs(self.policy, batch, self.cfg.generator.temperature,
-                                           with_entropy=True)
+            with autocast(self.policy, precision):
+                logp, entropy = token_logprobs(self.policy, batch, self.cfg.generator.temperature,
+                                               with_entropy=True)
             loss, parts = grpo_loss(logp, old_logp, ref_logp, advantages[rows], mask,
                                     clip_eps=tcfg.clip_eps, kl_coef=tcfg.kl_coef,
                                     token_count=token_count)
@@ -246,9 +250,11 @@ class Trainer:
         bos = bos_id(self.tokenizer)
         prompts = [encode_prompt(self.tokenizer, bos, self.task.prompt(i)) for i in indices]
         self.policy.eval()
-        out = sample(self.policy, prompts, max_new_tokens=self.cfg.generator.max_new_tokens,
-                     temperature=1.0, top_k=1, eos_id=self.tokenizer.eos_token_id,
-                     pad_id=self.tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+        with autocast(self.policy, self.cfg.model.autocast):
+            out = sample(self.policy, prompts, max_new_tokens=self.cfg.generator.max_new_tokens,
+                         temperature=1.0, top_k=1, eos_id=self.tokenizer.eos_token_id,
+                         pad_id=self.tokenizer.pad_token_id,
+                         generator=torch.Generator().manual_seed(0))
         self.policy.train()
         texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         rewards = [self.task.reward(i, t) for i, t in zip(indices, texts)]

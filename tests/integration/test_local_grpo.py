@@ -51,3 +51,16 @@ def test_grpo_learns_reverse(tmp_path):
     first = sum(r["reward_mean"] for r in rows[:25]) / 25
     last = sum(r["reward_mean"] for r in rows[-25:]) / 25
     assert last > first + 0.05, (first, last)
+
+
+def test_bf16_autocast_run_keeps_float32_state(tmp_path):
+    """`model.autocast=bf16` through the real roles: it trains, and what is saved is float32."""
+    run_dir = tmp_path / "bf16"
+    run_to_end(run_dir, "trainer.steps=3", "model.autocast=bf16")
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r[k] == r[k] and abs(r[k]) < 1e6 for r in rows for k in ("loss", "kl", "entropy"))
+    tensors = checkpoint_tensors(run_dir, 3)
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values())

@@ -14,6 +14,7 @@ forward, one forward + backward + AdamW step. floor_s = their sum.
 
     python tools/bench/grpo_throughput.py                 # on-policy and overlap
     python tools/bench/grpo_throughput.py --steps 40 --staleness 0
+    python tools/bench/grpo_throughput.py --autocast bf16   # the bf16 figure, separately
 
 Prints ONE JSON line. Target: samples_per_s >= 0.9 x floor_samples_per_s.
 """
@@ -34,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from hpcalign.config.schema import ModelInit
+from hpcalign.models.precision import autocast
 from hpcalign.models.tiny import build_model
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -52,7 +54,9 @@ def _median(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def compute_floor(threads: int, repeat: int) -> dict:
+def compute_floor(threads: int, repeat: int, precision: str = "none") -> dict:
+    """The floor; with precision "bf16" every forward runs under bf16 autocast (as
+    `model.autocast: bf16` does in hpcalign), backward and AdamW outside it."""
     torch.set_num_threads(threads)
     model = build_model(SHAPE, vocab_size=VOCAB)
     reference = build_model(SHAPE, vocab_size=VOCAB).requires_grad_(False)
@@ -60,8 +64,15 @@ def compute_floor(threads: int, repeat: int) -> dict:
     prompts = torch.randint(4, VOCAB, (BATCH, PROMPT_TOKENS), generator=gen)
     full = torch.randint(4, VOCAB, (BATCH, PROMPT_TOKENS + NEW_TOKENS), generator=gen)
 
+    def mixed():
+        return autocast(model, precision)
+
     @torch.no_grad()
     def sample() -> None:
+        with mixed():
+            _sample()
+
+    def _sample() -> None:
         cache = DynamicCache()
         logits = model(input_ids=prompts, cache=cache, use_cache=True).logits[:, -1]
         for step in range(NEW_TOKENS):
@@ -71,12 +82,14 @@ def compute_floor(threads: int, repeat: int) -> dict:
 
     @torch.no_grad()
     def reference_forward() -> None:
-        reference(input_ids=full).logits.log_softmax(-1)
+        with mixed():
+            reference(input_ids=full).logits.float().log_softmax(-1)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def train_step() -> None:
-        logp = model(input_ids=full).logits.log_softmax(-1)
+        with mixed():
+            logp = model(input_ids=full).logits.float().log_softmax(-1)
         loss = -logp[:, :-1].gather(-1, full[:, 1:, None]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,8 +101,9 @@ def compute_floor(threads: int, repeat: int) -> dict:
     return {k: round(v, 4) for k, v in parts.items()}
 
 
-def framework(staleness: int, steps: int, warmup: int, workdir: str) -> dict:
-    run_dir = os.path.join(workdir, f"staleness-{staleness}")
+def framework(staleness: int, steps: int, warmup: int, workdir: str,
+              precision: str = "none") -> dict:
+    run_dir = os.path.join(workdir, f"staleness-{staleness}-{precision}")
     argv = [sys.executable, "-m", "hpcalign.cli", "run", os.path.join(ROOT, "configs", "quickstart.yaml"),
             f"run_dir={run_dir}", f"model.path={workdir}/model",
             f"model.init.hidden={SHAPE.hidden}", f"model.init.layers={SHAPE.layers}",
@@ -98,7 +112,8 @@ def framework(staleness: int, steps: int, warmup: int, workdir: str) -> dict:
             "generator.samples_per_prompt=4", f"generator.max_new_tokens={NEW_TOKENS}",
             "generator.ignore_eos=true", "trainer.kl_coef=0.04", "trainer.sft_warmup_steps=0",
             f"trainer.steps={steps}", "checkpoint.every_steps=0", "log.progress=false",
-            "log.eval_every_steps=0", f"sync.max_staleness={staleness}"]
+            "log.eval_every_steps=0", f"sync.max_staleness={staleness}",
+            f"model.autocast={precision}"]
     subprocess.run(argv, check=True, cwd=ROOT, capture_output=True, timeout=1800)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steady = rows[warmup:]
@@ -115,20 +130,23 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--staleness", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                        help="bf16: floor and runs under bf16 autocast (a separate figure: "
+                             "never mix it with the float32 one)")
     args = parser.parse_args()
     result: dict = {"bench": "grpo_throughput", "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "batch": BATCH, "new_tokens": NEW_TOKENS,
+                    "batch": BATCH, "new_tokens": NEW_TOKENS, "autocast": args.autocast,
                     "params_m": round(sum(p.numel() for p in build_model(SHAPE, VOCAB).parameters()) / 1e6, 2)}
-    floor = compute_floor(args.threads, args.repeat)
+    floor = compute_floor(args.threads, args.repeat, args.autocast)
     result["floor"] = floor
     result["floor_samples_per_s"] = round(BATCH / floor["floor_s"], 2)
     with tempfile.TemporaryDirectory() as workdir:
         for staleness in args.staleness:
-            run = framework(staleness, args.steps, args.warmup, workdir)
+            run = framework(staleness, args.steps, args.warmup, workdir, args.autocast)
             run["ratio_to_floor"] = round(run["samples_per_s"] / result["floor_samples_per_s"], 3)
             result[f"staleness_{staleness}"] = run
-    after = compute_floor(args.threads, args.repeat)  # the machine may have changed meanwhile
+    after = compute_floor(args.threads, args.repeat, args.autocast)  # the machine may have changed meanwhile
     result["floor_after_s"] = after["floor_s"]
     print(json.dumps(result))
 
