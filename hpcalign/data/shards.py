@@ -41,12 +41,13 @@ from hpcalign.errors import ShardError
 SHARD_FORMAT = "hpcalign-rollout"
 SHARD_FORMAT_VERSION = 1
 
-# Largest HDF5 chunk, in bytes; datasets are split into equal chunks no larger than this.
-# Chunks this large cost nothing measurable against a contiguous layout
-# (tools/bench/shard_io.py) and allow compression; smaller ones add B-tree and per-chunk
-# overhead for no gain, since readers always read a dataset whole. 0 = contiguous when
-# uncompressed.
-CHUNK_BYTES = 4 << 20
+# Uncompressed datasets are contiguous: readers always read a dataset whole, and against
+# 4 MiB chunks contiguous writes 0.79 vs 0.72 x dd and reads 0.86 vs 0.66 x dd
+# (tools/bench/shard_io.py --chunk-mb 0 / 4, alternated; docs/benchmarks.md). Compression
+# needs chunks: datasets are then split into equal chunks of at most COMPRESSED_CHUNK_BYTES.
+# CHUNK_BYTES > 0 forces chunks of at most that size for uncompressed data too (benchmarks).
+CHUNK_BYTES = 0
+COMPRESSED_CHUNK_BYTES = 4 << 20
 
 # The checksum hashes datasets in pieces of this size, on up to HASH_THREADS threads.
 # NOTE: part of the checksum definition: changing HASH_PIECE_BYTES is a format version bump.
@@ -191,13 +192,15 @@ def write_shard(path: str, batch: RolloutBatch, *, compression: str | None = Non
         # NOTE: locking=False: flock on NFS/Lustre is missing or slow, and nobody else can
         # know the temp name anyway. libver v110 writes checksummed metadata (superblock v3,
         # object header v2), so a flipped byte in the metadata fails on open as well.
-        with _hash_pool() as pool, h5py.File(tmp, "w", locking=False, libver="v110") as f:
+        with (_hash_pool() as pool, h5py.File(tmp, "w", locking=False, libver="v110") as f,
+              _Writeback(tmp) as writeback):
             checksum = _Checksum(attrs, pool)
             for name, value in attrs.items():
                 f.attrs[name] = value
             for name, data in arrays.items():
                 checksum.add(name, data)
                 f.create_dataset(name, data=data, **_layout(data, compression))
+                writeback.start(data.nbytes)
             f.attrs["checksum"] = digest = checksum.hexdigest()
             f.flush()
         # NOTE: fsync after close: HDF5 writes metadata on close, and the rename below must
@@ -215,6 +218,52 @@ def write_shard(path: str, batch: RolloutBatch, *, compression: str | None = Non
     _remove_stale_temps(directory, os.path.basename(path))
     _fsync_dir(directory)
     return ShardInfo(path=path, size_bytes=size_bytes, checksum=digest)
+
+
+class _Writeback:
+    """Start the disk writeback of a file's dirty pages while later datasets are written.
+
+    `sync_file_range(SYNC_FILE_RANGE_WRITE)` (Linux) queues the pages written so far and
+    returns at once, so the device works while the next dataset is copied into the page
+    cache and the final fsync has less left to wait for. Durability still comes from that
+    fsync; where the call is missing (not Linux) this does nothing.
+    """
+
+    _MIN_BYTES = 1 << 20  # not worth a system call for the small per-sample datasets
+    _SYNC_FILE_RANGE_WRITE = 2
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY) if _sync_file_range is not None else -1
+
+    def start(self, nbytes: int) -> None:
+        if self._fd >= 0 and nbytes >= self._MIN_BYTES:
+            _sync_file_range(self._fd, 0, 0, self._SYNC_FILE_RANGE_WRITE)
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _load_sync_file_range():
+    """libc's sync_file_range(fd, offset, nbytes, flags), or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _batch_to_arrays(batch: RolloutBatch) -> dict[str, np.ndarray]:
@@ -288,7 +337,7 @@ def _layout(data: np.ndarray, compression: str | None) -> dict:
     # NOTE: HDF5 stores a partial last chunk at full size, so split the dataset into
     # equal chunks of at most CHUNK_BYTES instead of CHUNK_BYTES plus a padded remainder
     # (a 5 MiB dataset would take 8 MiB of disk with plain 4 MiB chunks).
-    max_rows = max(1, CHUNK_BYTES // data.dtype.itemsize)
+    max_rows = max(1, (CHUNK_BYTES or COMPRESSED_CHUNK_BYTES) // data.dtype.itemsize)
     num_chunks = -(-len(data) // max_rows)
     layout: dict = {"chunks": (-(-len(data) // num_chunks),)}
     if compression == "gzip":

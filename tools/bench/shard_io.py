@@ -107,6 +107,21 @@ def h5_write_only(batch: RolloutBatch, path: str, compression: str | None) -> fl
     return elapsed
 
 
+def write_without_early_writeback(path: str, batch: RolloutBatch,
+                                  compression: str | None) -> float:
+    """Seconds for write_shard with the sync_file_range writeback switched off (baseline)."""
+    saved, shards._sync_file_range = shards._sync_file_range, None
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        start = time.perf_counter()
+        write_shard(path, batch, compression=compression)
+        return time.perf_counter() - start
+    finally:
+        shards._sync_file_range = saved
+        os.unlink(path)
+
+
 def checksum_only(batch: RolloutBatch) -> float:
     """Seconds for the checksum alone (same threads as write_shard, no I/O)."""
     arrays = shards._batch_to_arrays(batch)
@@ -156,6 +171,7 @@ def main() -> None:
     batch = make_batch(args.mb)
     keys = (
         "write",
+        "write_no_writeback",
         "write_cpu",
         "dd_write_cpu",
         "h5_write",
@@ -172,10 +188,16 @@ def main() -> None:
         shard = shards.shard_path(work, 42, 3)
         dd_file = os.path.join(work, "dd.bin")
         size = dd_mb = 0
-        for _ in range(args.repeat):
+        for i in range(args.repeat):
             for p in (shard, dd_file):
                 if os.path.exists(p):
                     os.unlink(p)
+            # the baseline without early writeback goes first every other round, so that
+            # neither side always follows the other's dirty pages
+            plain_first = i % 2 == 1
+            if plain_first:
+                times["write_no_writeback"].append(write_without_early_writeback(
+                    os.path.join(work, "plain.h5"), batch, compression))
             t, cpu = time.perf_counter(), cpu_s(resource.RUSAGE_SELF)
             info = write_shard(shard, batch, compression=compression)
             times["write"].append(time.perf_counter() - t)
@@ -188,6 +210,9 @@ def main() -> None:
             )
             times["dd_write_cpu"].append(cpu_s(resource.RUSAGE_CHILDREN) - cpu)
             times["h5_write"].append(h5_write_only(batch, os.path.join(work, "h5.h5"), compression))
+            if not plain_first:
+                times["write_no_writeback"].append(write_without_early_writeback(
+                    os.path.join(work, "plain.h5"), batch, compression))
             times["checksum"].append(checksum_only(batch))
             for warmth in ("", "_warm"):  # cold first, then again from the page cache
                 if not warmth:
@@ -213,12 +238,14 @@ def main() -> None:
         "dd_read_MBps": mbps("dd_read", dd_bytes),
         "dd_read_warm_MBps": mbps("dd_read_warm", dd_bytes),
         "h5_write_no_checksum_MBps": mbps("h5_write", size),
+        "write_no_writeback_MBps": mbps("write_no_writeback", size),
         "checksum_MBps": mbps("checksum", size),
     }
     out.update(
         write_ratio=round(out["write_MBps"] / out["dd_write_MBps"], 3),
         read_ratio=round(out["read_MBps"] / out["dd_read_MBps"], 3),
         read_warm_ratio=round(out["read_warm_MBps"] / out["dd_read_warm_MBps"], 3),
+        write_no_writeback_ratio=round(out["write_no_writeback_MBps"] / out["dd_write_MBps"], 3),
         h5_write_no_checksum_ratio=round(
             out["h5_write_no_checksum_MBps"] / out["dd_write_MBps"], 3
         ),
