@@ -83,9 +83,6 @@ def run(run_dir: str, role: str | None = None) -> int:
     try:
         import torch
         import torch.distributed as dist
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
 
         from hpcalign.comm.control import Control
         from hpcalign.comm.weights import init_distributed
@@ -117,6 +114,11 @@ def run(run_dir: str, role: str | None = None) -> int:
         install_stop_handlers()  # again, after the libraries' own set-up
         logging.getLogger(__name__).info("%s ready on %s (%d threads)", who,
                                          socket.gethostname(), threads)
+        # NOTE: transformers (0.4 s of imports a rank) is for loading models: after "ready",
+        # so that the launch itself (MPI world + torch.distributed) is not waiting on it.
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
         if expected == "trainer":
             from hpcalign.roles.trainer import Trainer
 
