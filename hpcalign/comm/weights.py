@@ -35,15 +35,29 @@ def _own_address() -> str:
         return "127.0.0.1"
 
 
-def init_distributed(control: Control, run_dir: str, backend: str, timeout_s: float) -> None:
-    """Start torch.distributed over the MPI world; rank 0 chooses the address.
+def check_backend(backend: str, device: torch.device, who: str) -> None:
+    """NCCL moves GPU tensors only: a rank without a GPU cannot join an NCCL world."""
+    if backend == "nccl" and device.type != "cuda":
+        raise RuntimeError(f"{who} computes on {device} but the world uses NCCL (chosen by "
+                           f"rank 0 or comm.dist_backend): give this role GPUs, or set "
+                           f"comm.dist_backend=gloo")
+
+
+def init_distributed(control: Control, run_dir: str, backend: str, timeout_s: float,
+                     device: torch.device | None = None, who: str = "this rank") -> str:
+    """Start torch.distributed over the MPI world; rank 0 chooses address and backend.
 
     The address travels as a bounded control message, not a blocking MPI bcast, so a
-    silent rank 0 ends in a named timeout rather than a hang.
+    silent rank 0 ends in a named timeout rather than a hang. `backend` counts at rank 0
+    only ("auto" means gloo there, for callers without a device policy); every other rank
+    takes rank 0's, and checks that its `device` can use it. Returns the backend.
     """
     comm = control.comm
+    device = torch.device("cpu") if device is None else device
     if comm.Get_rank() == 0:
-        address = {"host": _own_address(), "port": _free_port()}
+        if backend == "auto":
+            backend = "gloo"
+        address = {"host": _own_address(), "port": _free_port(), "backend": backend}
         path = os.path.join(run_dir, "rendezvous.json")
         with open(path + ".tmp", "w") as handle:
             json.dump(address, handle)
@@ -52,8 +66,10 @@ def init_distributed(control: Control, run_dir: str, backend: str, timeout_s: fl
             control.send(address, dest=rank, tag=TAG_RENDEZVOUS)
     else:
         address = control.recv(0, TAG_RENDEZVOUS, "the torch.distributed address", timeout_s)
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = str(address["backend"])
+    check_backend(backend, device, who)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{address['host']}:{address['port']}",
@@ -61,6 +77,7 @@ def init_distributed(control: Control, run_dir: str, backend: str, timeout_s: fl
         world_size=comm.Get_size(),
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    return backend
 
 
 class WeightBroadcaster:

@@ -63,7 +63,13 @@ class TaskConfig(Section):
 class GeneratorConfig(Section):
     """Generator ranks: sample completions, score them, publish one shard per rank and step."""
 
-    backend: Literal["torch", "vllm"] = Field("torch", description="Sampling engine.")
+    # NOTE: only engines that run are accepted: a "vllm" that silently ran torch would be
+    # a lie in the config. vLLM (and megatron-core below) are not built yet.
+    backend: Literal["torch"] = Field(
+        "torch", description="Sampling engine: torch (vLLM is not built yet).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: this rank's node-local GPU when it sees one, else the CPU "
+        "(roles/device.py); cuda: a GPU or a clear error.")
     ranks: int = Field(1, ge=1, description="Generator processes (MPI ranks).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per step over all generators.")
     samples_per_prompt: int = Field(8, ge=1, description="Completions per prompt (group size).")
@@ -89,7 +95,11 @@ class GeneratorConfig(Section):
 class TrainerConfig(Section):
     """Trainer ranks: GRPO update of the policy against a frozen reference."""
 
-    backend: Literal["torch", "megatron"] = Field("torch", description="Training engine.")
+    backend: Literal["torch"] = Field(
+        "torch", description="Training engine: torch (megatron-core is not built yet).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: this rank's node-local GPU when it sees one, else the CPU "
+        "(roles/device.py); cuda: a GPU or a clear error.")
     ranks: int = Field(1, ge=1, description="Trainer processes (data parallel).")
     steps: int = Field(300, ge=1, description="GRPO steps (one policy update each).")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")

@@ -31,7 +31,7 @@ import torch
 from hpcalign.data.shards import Ragged, RolloutBatch, read_shard, write_shard
 from hpcalign.data.tasks import Task, partial_match_reward
 from hpcalign.errors import ShardError, UserError
-from hpcalign.models.sampler import sample
+from hpcalign.models.sampler import sample, seeded_generator
 
 # The reward `hpcalign rollout` uses without --reward (see `answer_reward`), by import path
 # because that is how `TaskConfig.reward` names a reward function.
@@ -105,8 +105,8 @@ def sample_rollouts(
     """Sample `params.samples_per_prompt` completions of each prompt and score them.
 
     Samples of one prompt are adjacent (`prompt_ids = repeat(prompt_indices, K)`), all drawn
-    in one batch from `torch.Generator().manual_seed(seed)`, so the result depends only on
-    the arguments. `attrs` go to the shard as is; keep timings out of them so equal
+    in one batch from a generator seeded with `seed` on the model's device, so the result
+    depends only on the arguments (and the device type). `attrs` go to the shard as is; keep timings out of them so equal
     rollouts give equal bytes.
     """
     bos = bos_id(tokenizer)
@@ -118,7 +118,7 @@ def sample_rollouts(
                  temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                  eos_id=-1 if params.ignore_eos else tokenizer.eos_token_id,
                  pad_id=tokenizer.pad_token_id,
-                 generator=torch.Generator().manual_seed(seed))
+                 generator=seeded_generator(model, seed))
     texts = tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
     rewards = np.array([task.reward(int(i), text) for i, text in zip(prompt_ids, texts)],
                        np.float32)

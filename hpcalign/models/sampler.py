@@ -85,6 +85,14 @@ def _padding_masks(
 
 
 @torch.no_grad()
+def seeded_generator(model: torch.nn.Module, seed: int) -> torch.Generator:
+    """A random generator on the model's device (CUDA sampling needs a CUDA generator).
+
+    CPU and CUDA streams differ: equal seeds give equal samples on equal devices.
+    """
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+
 def sample(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -107,6 +115,9 @@ def sample(
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     device = next(model.parameters()).device
+    if generator.device.type != device.type:
+        raise ValueError(f"the random generator is on {generator.device} but the model on "
+                         f"{device}: use seeded_generator(model, seed)")
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     prompt_len = int(lengths.max())

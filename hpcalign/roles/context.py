@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from hpcalign.comm.control import Control
@@ -24,6 +25,7 @@ class RoleContext:
     rank: int
     sync_group: dist.ProcessGroup | None  # trainer 0 + all generators
     trainer_group: dist.ProcessGroup | None  # all trainers
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # roles/device.py
     stop_signal: list[int] = field(default_factory=lambda: STOP_SIGNALS)  # newest last
 
     @property

@@ -32,7 +32,7 @@ class Generator:
         self.cfg = ctx.cfg
         self.index = ctx.rank - ctx.placement.generator.first_rank
         self.model, self.tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
-        self.model.requires_grad_(False)
+        self.model.to(ctx.device).requires_grad_(False)
         self.task = make_task(self.cfg.task, self.cfg.seed, symbols=char_symbols(self.tokenizer))
         self.receiver = WeightBroadcaster(list(self.model.parameters()), self.cfg.sync.bucket_mb,
                                           src=0, group=ctx.sync_group)

@@ -89,6 +89,7 @@ def run(run_dir: str, role: str | None = None) -> int:
         from hpcalign.launch.rundir import read_run_config
         from hpcalign.plan.placement import compute_placement
         from hpcalign.roles.context import RoleContext
+        from hpcalign.roles.device import choose_backend, role_device
 
         cfg = read_run_config(run_dir)
         placement = compute_placement(cfg)
@@ -103,17 +104,22 @@ def run(run_dir: str, role: str | None = None) -> int:
         threads = (placement.trainer if expected == "trainer" else placement.generator).threads
         torch.set_num_threads(threads)
         control = Control(comm, cfg.comm.timeout_s, placement.describe_rank)
-        init_distributed(control, run_dir, cfg.comm.dist_backend, cfg.comm.startup_timeout_s)
+        role_cfg = cfg.trainer if expected == "trainer" else cfg.generator
+        device = role_device(role_cfg.device, f"{expected}.device")
+        backend = choose_backend(cfg.comm.dist_backend, device, cfg.trainer.device,
+                                 cfg.generator.device)  # rank 0's choice counts
+        init_distributed(control, run_dir, backend, cfg.comm.startup_timeout_s, device, who)
         # every rank creates every group, in the same order (torch.distributed's rule)
         # start-up may be slow (startup_timeout_s); steady-state collectives get timeout_s
         steady = datetime.timedelta(seconds=cfg.comm.timeout_s)
         sync_group = dist.new_group([0, *placement.generator.world_ranks()], timeout=steady)
         trainer_group = dist.new_group(placement.trainer.world_ranks(), timeout=steady)
         ctx = RoleContext(cfg=cfg, run_dir=run_dir, placement=placement, control=control,
-                          rank=rank, sync_group=sync_group, trainer_group=trainer_group)
+                          rank=rank, sync_group=sync_group, trainer_group=trainer_group,
+                          device=device)
         install_stop_handlers()  # again, after the libraries' own set-up
-        logging.getLogger(__name__).info("%s ready on %s (%d threads)", who,
-                                         socket.gethostname(), threads)
+        logging.getLogger(__name__).info("%s ready on %s (%s, %d threads)", who,
+                                         socket.gethostname(), device, threads)
         # NOTE: transformers (0.4 s of imports a rank) is for loading models: after "ready",
         # so that the launch itself (MPI world + torch.distributed) is not waiting on it.
         import transformers

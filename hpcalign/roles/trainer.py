@@ -31,13 +31,18 @@ from hpcalign.metrics import MetricsWriter
 from hpcalign.models.hf import load_model, save_model
 from hpcalign.models.logprobs import pack_sequences, token_logprobs
 from hpcalign.models.precision import autocast
-from hpcalign.models.sampler import sample
+from hpcalign.models.sampler import sample, seeded_generator
 from hpcalign.roles.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from hpcalign.roles.context import RoleContext, restart_count
 
 log = logging.getLogger(__name__)
 
 SFT_SEED_OFFSET = 0x5F7  # the warm-up's prompt stream is independent of GRPO's
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A packed batch on the rank's device (a no-op on the CPU)."""
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def check_staleness(step: int, shard_step: int, policy_version: int, max_staleness: int,
@@ -75,7 +80,7 @@ class Trainer:
         """Short supervised warm-up on the task's answers; deterministic, saved once."""
         tcfg = self.cfg.trainer
         model, tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
-        model.train()
+        model.to(self.ctx.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.sft_lr)
         bos = bos_id(tokenizer)
         for step in range(tcfg.sft_warmup_steps):
@@ -84,7 +89,7 @@ class Trainer:
             prompts = [encode_prompt(tokenizer, bos, self.task.prompt(int(i))) for i in indices]
             answers = [[*tokenizer.encode(self.task.answer(int(i)), add_special_tokens=False),
                         tokenizer.eos_token_id] for i in indices]
-            batch = pack_sequences(prompts, answers, tokenizer.pad_token_id)
+            batch = _to(pack_sequences(prompts, answers, tokenizer.pad_token_id), self.ctx.device)
             with autocast(model, self.cfg.model.autocast):
                 logp, _ = token_logprobs(model, batch)
             loss = sft_loss(logp, batch["completion_mask"])
@@ -106,7 +111,8 @@ class Trainer:
         ref_dir = self._reference_dir()
         self.policy, self.tokenizer = load_model(ref_dir, cfg.model.dtype)
         self.reference, _ = load_model(ref_dir, cfg.model.dtype)
-        self.reference.requires_grad_(False)
+        self.policy.to(self.ctx.device)
+        self.reference.to(self.ctx.device).requires_grad_(False)
         self.policy.train()
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.trainer.lr,
@@ -181,7 +187,7 @@ class Trainer:
         prompts = [p for b in batches for p in b.prompt_tokens.to_list()]
         completions = [c for b in batches for c in b.completion_tokens.to_list()]
         old = [lp for b in batches for lp in b.logprobs.to_list()]
-        advantages = group_advantages(rewards, torch.from_numpy(prompt_ids))
+        advantages = group_advantages(rewards, torch.from_numpy(prompt_ids)).to(self.ctx.device)
         lengths = np.array([len(c) for c in completions])
         token_count = float(max(1, lengths.sum()))
         # data parallel: each trainer takes a contiguous slice of the whole batch
@@ -191,13 +197,14 @@ class Trainer:
         totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
         for first in range(0, len(mine), micro):
             rows = mine[first:first + micro]
-            batch = pack_sequences([prompts[i] for i in rows], [completions[i] for i in rows],
-                                   self.tokenizer.pad_token_id)
+            batch = _to(pack_sequences([prompts[i] for i in rows], [completions[i] for i in rows],
+                                       self.tokenizer.pad_token_id), self.ctx.device)
             mask = batch["completion_mask"]
             old_logp = torch.zeros(mask.shape, dtype=torch.float32)
             for row, i in enumerate(rows):
                 start = len(prompts[i])
                 old_logp[row, start:start + len(old[i])] = torch.from_numpy(old[i].astype(np.float32))
+            old_logp = old_logp.to(self.ctx.device)
             precision = self.cfg.model.autocast
             with torch.no_grad(), autocast(self.reference, precision):
                 ref_logp, _ = token_logprobs(self.reference, batch, self.cfg.generator.temperature)
@@ -254,7 +261,7 @@ class Trainer:
             out = sample(self.policy, prompts, max_new_tokens=self.cfg.generator.max_new_tokens,
                          temperature=1.0, top_k=1, eos_id=self.tokenizer.eos_token_id,
                          pad_id=self.tokenizer.pad_token_id,
-                         generator=torch.Generator().manual_seed(0))
+                         generator=seeded_generator(self.policy, 0))
         self.policy.train()
         texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         rewards = [self.task.reward(i, t) for i, t in zip(indices, texts)]

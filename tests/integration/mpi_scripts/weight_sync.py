@@ -22,9 +22,7 @@ def main() -> int:
     run_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.gettempdir()
     backend = sys.argv[2] if len(sys.argv) > 2 else "gloo"
     device = torch.device("cuda", rank % torch.cuda.device_count()) if backend == "nccl" else None
-    if device is not None:
-        torch.cuda.set_device(device)
-    init_distributed(control, run_dir, backend, 30)
+    assert init_distributed(control, run_dir, backend, 30, device, f"rank {rank}") == backend
     torch.manual_seed(rank)  # different on every rank before the sync
     shapes = [(7, 3), (128,), (33, 65), (1,), (300, 17)]
     params = [torch.randn(s) for s in shapes] + [torch.randn(5, 5).double()]
