@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                              "match against the answer, NaN for prompts without one")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="parameter dtype (%(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: this task's node-local GPU when it sees one, else the CPU "
+                             "(%(default)s)")
     return parser
 
 
@@ -130,6 +133,7 @@ def main(argv: list[str]) -> int:
     )
     from hpcalign.data.tasks import make_task
     from hpcalign.models.hf import load_model
+    from hpcalign.roles.device import role_device
 
     try:
         params = SamplingParams(samples_per_prompt=args.samples_per_prompt,
@@ -141,7 +145,11 @@ def main(argv: list[str]) -> int:
     task = make_task(TaskConfig(name="jsonl", prompts=args.prompts, eval_prompts=0,
                                 reward=args.reward or ANSWER_REWARD), TASK_SEED)
     model, tokenizer = load_model(model_dir, args.dtype)
-    model.requires_grad_(False)  # NOTE: on CPU, as in the generator role (see docs/rollout.md)
+    try:
+        device = role_device(args.device, "--device")
+    except RuntimeError as err:
+        raise UserError(str(err)) from err
+    model.to(device).requires_grad_(False)  # the generator role's placement rule
     _check_spelling(tokenizer, task, slice_prompts(task.num_prompts, shard_index, num_shards),
                     args.prompts)
     job = OfflineRollout(
@@ -150,7 +158,7 @@ def main(argv: list[str]) -> int:
         seed=args.seed, policy_version=policy_version,
         attrs={"task": args.task, "checkpoint": os.path.realpath(args.checkpoint),
                "prompts": os.path.realpath(args.prompts), "reward": args.reward or "answer",
-               "dtype": args.dtype})
+               "dtype": args.dtype, "device": device.type})
     summary = run_offline_rollout(job)
     print(summary.line())
     return 0

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpcalign.cli import main as cli_main
 from hpcalign.commands import rollout as rollout_command
@@ -222,6 +223,8 @@ def test_prompt_the_tokenizer_cannot_spell_is_refused(model_dir, tmp_path):
     (["--num-shards", "0"], "--num-shards=0 must be >= 1"),
     (["--batch-size", "0"], "--batch-size=0 must be >= 1"),
     (["--top-p", "2"], "top-p=2.0 must be in"),
+    pytest.param(["--device", "cuda"], "--device=cuda but this rank sees no GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
 def test_bad_flags_are_user_errors(flags, message, model_dir, prompts_file, tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
