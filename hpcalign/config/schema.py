@@ -6,7 +6,7 @@ trusted everywhere inside.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -60,6 +60,12 @@ class TaskConfig(Section):
         return self
 
 
+# Where a role's ranks compute (both roles take the same choices; roles/device.py).
+Device = Annotated[Literal["auto", "cpu", "cuda"], Field(
+    description="auto: this rank's node-local GPU when it sees one, else the CPU "
+    "(roles/device.py); cuda: a GPU or a clear error.")]
+
+
 class GeneratorConfig(Section):
     """Generator ranks: sample completions, score them, publish one shard per rank and step."""
 
@@ -67,9 +73,7 @@ class GeneratorConfig(Section):
     # a lie in the config. vLLM (and megatron-core below) are not built yet.
     backend: Literal["torch"] = Field(
         "torch", description="Sampling engine: torch (vLLM is not built yet).")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: this rank's node-local GPU when it sees one, else the CPU "
-        "(roles/device.py); cuda: a GPU or a clear error.")
+    device: Device = "auto"
     ranks: int = Field(1, ge=1, description="Generator processes (MPI ranks).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per step over all generators.")
     samples_per_prompt: int = Field(8, ge=1, description="Completions per prompt (group size).")
@@ -97,9 +101,7 @@ class TrainerConfig(Section):
 
     backend: Literal["torch"] = Field(
         "torch", description="Training engine: torch (megatron-core is not built yet).")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: this rank's node-local GPU when it sees one, else the CPU "
-        "(roles/device.py); cuda: a GPU or a clear error.")
+    device: Device = "auto"
     ranks: int = Field(1, ge=1, description="Trainer processes (data parallel).")
     steps: int = Field(300, ge=1, description="GRPO steps (one policy update each).")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")

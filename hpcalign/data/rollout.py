@@ -106,8 +106,8 @@ def sample_rollouts(
 
     Samples of one prompt are adjacent (`prompt_ids = repeat(prompt_indices, K)`), all drawn
     in one batch from a generator seeded with `seed` on the model's device, so the result
-    depends only on the arguments (and the device type). `attrs` go to the shard as is; keep timings out of them so equal
-    rollouts give equal bytes.
+    depends only on the arguments (and the device type). `attrs` go to the shard as is;
+    keep timings out of them so equal rollouts give equal bytes.
     """
     bos = bos_id(tokenizer)
     indices = np.asarray(prompt_indices, np.int64)

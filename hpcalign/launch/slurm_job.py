@@ -153,7 +153,7 @@ def after_step(run_dir: str, rc: int) -> int:
     state = read_json(os.path.join(run_dir, "state.json")) or {}
     outcome: dict = {"job_id": job_id, "restart": restart, "rc": rc, "state": state.get("state"),
                      "step": state.get("step"), "failure": None, "time": time.time()}
-    if os.path.exists(stopped_record_path(run_dir, dict(os.environ))):
+    if os.path.exists(stopped_record_path(run_dir, os.environ)):
         # every task had ended and the watcher stopped a lingering srun: its exit status is
         # the watcher's signal, not the ranks'; state.json and the error records decide
         outcome["srun_stopped"] = True

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from hpcalign.launch.rundir import atomic_write_text
 
@@ -72,7 +72,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stopped_record_path(run_dir: str, env: dict[str, str]) -> str:
+def stopped_record_path(run_dir: str, env: Mapping[str, str]) -> str:
     attempt = f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_RESTART_COUNT') or 0}"
     return os.path.join(run_dir, "logs", f"slurm-{attempt}-srun-stopped.json")
 

@@ -84,7 +84,6 @@ def _padding_masks(
     return prefill_mask, step_mask
 
 
-@torch.no_grad()
 def seeded_generator(model: torch.nn.Module, seed: int) -> torch.Generator:
     """A random generator on the model's device (CUDA sampling needs a CUDA generator).
 
@@ -93,6 +92,7 @@ def seeded_generator(model: torch.nn.Module, seed: int) -> torch.Generator:
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
+@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     prompts: list[list[int]],

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import torch
-from transformers import DynamicCache
+from sampler import reference_loop  # tools/bench/sampler.py: the bare KV-cache loop
 
 from hpcalign.config.schema import ModelInit
 from hpcalign.models.precision import autocast
@@ -64,31 +64,20 @@ def compute_floor(threads: int, repeat: int, precision: str = "none") -> dict:
     prompts = torch.randint(4, VOCAB, (BATCH, PROMPT_TOKENS), generator=gen)
     full = torch.randint(4, VOCAB, (BATCH, PROMPT_TOKENS + NEW_TOKENS), generator=gen)
 
-    def mixed():
-        return autocast(model, precision)
-
     @torch.no_grad()
     def sample() -> None:
-        with mixed():
-            _sample()
-
-    def _sample() -> None:
-        cache = DynamicCache()
-        logits = model(input_ids=prompts, cache=cache, use_cache=True).logits[:, -1]
-        for step in range(NEW_TOKENS):
-            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-            if step + 1 < NEW_TOKENS:
-                logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+        with autocast(model, precision):
+            reference_loop(model, prompts, NEW_TOKENS, gen)
 
     @torch.no_grad()
     def reference_forward() -> None:
-        with mixed():
+        with autocast(reference, precision):
             reference(input_ids=full).logits.float().log_softmax(-1)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def train_step() -> None:
-        with mixed():
+        with autocast(model, precision):
             logp = model(input_ids=full).logits.float().log_softmax(-1)
         loss = -logp[:, :-1].gather(-1, full[:, 1:, None]).mean()
         optimizer.zero_grad(set_to_none=True)

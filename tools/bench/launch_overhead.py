@@ -99,17 +99,22 @@ def poll(fn, *args: object) -> list[float]:
     raise SystemExit(f"ranks not ready within {TIMEOUT_S:.0f} s ({fn.__name__} {args})")
 
 
+def seconds_to_ready(t0: float, job_id: str, ready_times, where: str, world: int) -> float:
+    """Seconds from `t0` until the last of `world` ranks was ready; the job is then ended."""
+    try:
+        ready = poll(ready_times, where, world)
+    finally:
+        sh(["scancel", job_id])
+    wait_gone(job_id)
+    return max(ready) - t0
+
+
 def run_hpcalign(config: str, overrides: list[str], run_dir: str, world: int) -> float:
     t0 = time.time()
     out = sh([sys.executable, "-m", "hpcalign.cli", "submit", config, f"run_dir={run_dir}",
               *overrides], timeout=TIMEOUT_S, cwd=ROOT)
     job_id = re.search(r"submitted job (\d+)", out).group(1)
-    try:
-        ready = poll(ready_times_hpcalign, run_dir, world)
-    finally:
-        sh(["scancel", job_id])
-    wait_gone(job_id)
-    return max(ready) - t0
+    return seconds_to_ready(t0, job_id, ready_times_hpcalign, run_dir, world)
 
 
 def bare_script(out_dir: str, cfg: object) -> str:
@@ -135,12 +140,7 @@ def run_bare(cfg: object, out_dir: str, world: int) -> float:
         handle.write(bare_script(out_dir, cfg))
     t0 = time.time()
     job_id = sh(["sbatch", "--parsable", script]).strip()
-    try:
-        ready = poll(ready_times_bare, out_dir, world)
-    finally:
-        sh(["scancel", job_id])
-    wait_gone(job_id)
-    return max(ready) - t0
+    return seconds_to_ready(t0, job_id, ready_times_bare, out_dir, world)
 
 
 def main() -> int:
