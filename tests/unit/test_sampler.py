@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -155,3 +157,23 @@ def test_argument_checks(model):
         _run(model, prompts=[[]])
     with pytest.raises(ValueError):
         _run(model, max_new_tokens=0)
+
+
+def test_sampling_records_no_autograd_graph(model):
+    """Sampling never needs gradients: no forward of it may run with grad enabled, even for
+    a trainer's policy whose parameters require grad (its evaluation calls sample())."""
+    seen = []
+    handle = model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        assert any(p.requires_grad for p in model.parameters())
+        _run(model)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+
+
+def test_a_generator_on_another_device_type_is_refused(model):
+    """A CPU model with a CUDA generator (stood in by its `device`: none can be built here)."""
+    cuda_generator = SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="random generator is on cuda:0 but the model on cpu"):
+        sample(model, PROMPTS, max_new_tokens=2, eos_id=2, pad_id=0, generator=cuda_generator)
