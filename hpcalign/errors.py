@@ -23,3 +23,7 @@ class ShardError(UserError):
 
 class RoleTimeoutError(RuntimeError):
     """A rank waited longer than `comm.timeout_s` for a peer; names the silent rank."""
+
+
+class ProtocolError(RuntimeError):
+    """A rank received a control message it cannot act on (a bug, named, never a KeyError)."""

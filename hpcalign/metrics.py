@@ -24,6 +24,7 @@ import math
 import os
 from typing import Any
 
+from hpcalign.durable import atomic_write_text
 from hpcalign.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -91,12 +92,7 @@ class MetricsWriter:
             if new_text != text:
                 # NOTE: rewrite through a temp file and rename, so a kill here leaves
                 # either the old or the new file, never a half-written one.
-                tmp = f"{self.path}.tmp-{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.write(new_text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                atomic_write_text(self.path, new_text)
         self._file = open(self.path, "a")  # kept open: one line per step
         if self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter

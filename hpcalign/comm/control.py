@@ -21,6 +21,9 @@ from hpcalign.errors import RoleTimeoutError
 TAG_SHARD = 11  # generator -> trainers: a published shard
 TAG_CONTROL = 12  # trainer 0 -> generators: {"kind": "sync"|"stop", ...}
 TAG_RENDEZVOUS = 13  # trainer 0 -> all: torch.distributed address
+TAG_TRAINERS = 14  # trainer 0 -> other trainers: {"kind": "sft-saved", "path": ...}
+
+CONTROL_KINDS = ("sync", "stop")  # what trainer 0 sends generators on TAG_CONTROL
 
 SEND_PROGRESS_S = 1.0
 _SLEEP_MIN_S = 0.0002

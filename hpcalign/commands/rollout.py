@@ -159,7 +159,18 @@ def main(argv: list[str]) -> int:
         attrs={"task": args.task, "checkpoint": os.path.realpath(args.checkpoint),
                "prompts": os.path.realpath(args.prompts), "reward": args.reward or "answer",
                "dtype": args.dtype, "device": device.type})
-    summary = run_offline_rollout(job)
+    # NOTE: the claim is taken only now, right before the first write into --out: array
+    # tasks of one job share it (same SLURM_ARRAY_JOB_ID); a second local rollout or
+    # another job on the same --out is refused.
+    from hpcalign.launch.claim import take_claim
+
+    claim = take_claim(args.out, "rollout")
+    try:
+        claim.start_heartbeat()
+        summary = run_offline_rollout(job)
+    finally:
+        if not os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array's other tasks may still run
+            claim.release()
     print(summary.line())
     return 0
 

@@ -12,8 +12,8 @@ import os
 import time
 
 from hpcalign.errors import UserError
-from hpcalign.launch.rundir import read_json
-from hpcalign.roles.checkpoint import list_checkpoints
+from hpcalign.launch.claim import owner_status
+from hpcalign.launch.rundir import finished_checkpoint, list_checkpoints, read_json
 
 HELP = "show where a run is: state, step, reward, throughput, ETA, errors"
 
@@ -25,6 +25,16 @@ def _last_metrics(run_dir: str) -> dict | None:
     return rows[-1] if rows else None
 
 
+def _configured_steps(run_dir: str) -> int | None:
+    """trainer.steps of the config the run was started with (None if unreadable)."""
+    try:
+        from hpcalign.launch.rundir import read_run_config
+
+        return read_run_config(run_dir).trainer.steps
+    except (UserError, OSError):
+        return None
+
+
 def collect_status(run_dir: str) -> dict:
     """Everything `status` prints, as a dict (also for `--json`)."""
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
@@ -32,6 +42,13 @@ def collect_status(run_dir: str) -> dict:
     state = read_json(os.path.join(run_dir, "state.json")) or {"state": "not started"}
     status: dict = {"run_dir": os.path.abspath(run_dir), **state}
     status["checkpoints"] = list_checkpoints(run_dir)
+    steps = state.get("steps") or _configured_steps(run_dir)
+    final = finished_checkpoint(run_dir, steps) if steps else None
+    if final is not None:
+        # the final checkpoint decides, also for a job killed before state.json said so
+        status.update(state="done", step=max(status["checkpoints"]), steps=steps,
+                      final_checkpoint=final)
+    status["owner"] = owner_status(run_dir)
     last = _last_metrics(run_dir)
     if last:
         status["last_metrics"] = last
@@ -49,6 +66,9 @@ def collect_status(run_dir: str) -> dict:
     status["errors"] = sorted((e for e in errors if e), key=lambda e: not e.get("root_cause"))
     if status["errors"] and status.get("state") == "running":
         status["state"] = "failed"
+    owner = status["owner"]
+    if status.get("state") == "running" and not (owner and owner["alive"]):
+        status["state"] = "interrupted"  # killed without a word: run it again to resume
     if os.path.isfile(os.path.join(run_dir, "slurm.json")):
         from hpcalign.launch.slurm import slurm_status
 
@@ -81,6 +101,14 @@ def format_status(status: dict) -> str:
     if "eta_s" in status and status.get("state") == "running":
         lines.append(f"eta:        {status['eta_s'] / 60:.1f} min")
     lines.append(f"checkpoints: {', '.join(map(str, status['checkpoints'])) or 'none'}")
+    if status.get("final_checkpoint"):
+        lines.append(f"final:      {status['final_checkpoint']}")
+    owner = status.get("owner")
+    if owner:
+        lines.append(f"owner:      {owner['holder']}: "
+                     f"{'alive' if owner['alive'] else 'gone (stale claim)'} ({owner['why']})")
+    else:
+        lines.append("owner:      none (no run holds this directory)")
     for err in status.get("errors", []):
         lines.append(f"error:      {err.get('role')} on {err.get('host')}: {err.get('error')}")
     return "\n".join(lines)

@@ -35,6 +35,8 @@ def main(argv: list[str]) -> int:
     from hpcalign.launch.slurm import submit_run
 
     job_id, run_dir = submit_run(cfg)
+    if job_id is None:  # finished already: submit_run said so, nothing was submitted
+        return 0
     print(f"submitted job {job_id}: {cfg.trainer.ranks} trainer rank(s) on partition "
           f"'{cfg.slurm.train.partition}' + {cfg.generator.ranks} generator rank(s) on partition "
           f"'{cfg.slurm.gen.partition}'")

@@ -30,6 +30,7 @@ import torch
 
 from hpcalign.data.shards import Ragged, RolloutBatch, read_shard, write_shard
 from hpcalign.data.tasks import Task, partial_match_reward
+from hpcalign.durable import atomic_write_text
 from hpcalign.errors import ShardError, UserError
 from hpcalign.models.sampler import sample, seeded_generator
 
@@ -290,8 +291,4 @@ def run_offline_rollout(job: OfflineRollout) -> RolloutSummary:
 
 def _write_json(path: str, data: dict) -> None:
     """Write `data` to `path` via a temp file and rename, so a reader never sees half of it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")

@@ -23,7 +23,14 @@ from collections import deque
 
 from hpcalign.config.schema import Config
 from hpcalign.errors import UserError
-from hpcalign.launch.rundir import atomic_write_text, read_json, write_run_dir
+from hpcalign.launch.claim import Claim, take_claim
+from hpcalign.launch.rundir import (
+    atomic_write_text,
+    finished_checkpoint,
+    mark_finished,
+    read_json,
+    write_run_dir,
+)
 from hpcalign.plan.placement import compute_placement
 
 ROLE_MODULE = "hpcalign.roles.main"
@@ -107,10 +114,34 @@ def _stop_with_parent() -> None:
         pass
 
 
+def say_finished(run_dir: str, checkpoint: str) -> None:
+    """The one line a finished run started again prints (local and Slurm alike)."""
+    state = mark_finished(run_dir, checkpoint)
+    print(f"hpcalign: run already finished at step {state['step']} (final checkpoint "
+          f"{checkpoint}); nothing to do. See `hpcalign status {run_dir}`", file=sys.stderr)
+
+
 def run_local(cfg: Config) -> int:
-    """Prepare RUN_DIR and run the job to the end (or a graceful stop). Returns exit status."""
+    """Claim RUN_DIR, prepare it and run the job to the end (or a graceful stop).
+
+    Returns the exit status. Nothing in RUN_DIR is written before the claim is held.
+    """
+    claim = take_claim(cfg.run_dir, "local")
+    try:
+        claim.start_heartbeat()
+        return _run_claimed(cfg, claim)
+    finally:
+        claim.release()
+
+
+def _run_claimed(cfg: Config, claim: Claim) -> int:
     from hpcalign.models.prepare import ensure_model
 
+    run_dir = claim.run_dir
+    final = finished_checkpoint(run_dir, cfg.trainer.steps)
+    if final is not None:
+        say_finished(run_dir, final)
+        return 0
     ensure_model(cfg)
     run_dir = write_run_dir(cfg)
     for name in os.listdir(os.path.join(run_dir, "errors")):

@@ -4,20 +4,59 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 
 from hpcalign.config.load import dump_config, load_config
 from hpcalign.config.schema import Config
+from hpcalign.durable import atomic_write_text
 from hpcalign.plan.placement import compute_placement
 
+__all__ = ["atomic_write_text", "checkpoint_dir", "finished_checkpoint", "list_checkpoints",
+           "make_private_dir", "mark_finished", "read_json", "read_run_config",
+           "write_run_dir"]
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp name + fsync + rename, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    """RUN_DIR/checkpoints/step-NNNNNN (NNNNNN = the next step to train)."""
+    return os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
+
+
+def list_checkpoints(run_dir: str) -> list[int]:
+    """Steps of complete checkpoints, oldest first (temp dirs never match)."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = _STEP_DIR.match(name)
+        if match and os.path.isfile(os.path.join(root, name, "state.json")):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def finished_checkpoint(run_dir: str, steps: int) -> str | None:
+    """The final checkpoint if the run already trained all `steps`, else None.
+
+    The checkpoint, not state.json, decides: a job killed after its final checkpoint and
+    before state.json said "done" has finished all the same.
+    """
+    done = [step for step in list_checkpoints(run_dir) if step >= steps]
+    return checkpoint_dir(run_dir, done[-1]) if done else None
+
+
+def mark_finished(run_dir: str, checkpoint: str) -> dict:
+    """Make state.json say "done" at `checkpoint` (if it does not already); returns it."""
+    state = read_json(os.path.join(run_dir, "state.json")) or {}
+    if state.get("state") == "done":
+        return state
+    saved = read_json(os.path.join(checkpoint, "state.json")) or {}
+    state = {**state, "state": "done", "step": int(saved.get("step", 0)),
+             "policy_version": int(saved.get("policy_version", saved.get("step", 0))),
+             "time": time.time()}
+    state.setdefault("steps", state["step"])
+    atomic_write_text(os.path.join(run_dir, "state.json"), json.dumps(state) + "\n")
+    return state
 
 
 def make_private_dir(path: str) -> None:

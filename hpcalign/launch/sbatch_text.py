@@ -58,6 +58,16 @@ _MANAGED_FLAGS = {
 JOB_STEP = """\
 # ---- the job step (identical in sbatch/hetjob.sbatch and `hpcalign submit`) ----
 # One MPMD step across both components = one MPI world: trainers, then generators.
+# One run per RUN_DIR: claim it for this job (a requeue is the same owner) before writing
+# anything there; refused (another live run owns it): change nothing. Finished already
+# (e.g. requeued after its final checkpoint): after-step records "done".
+"$HPCALIGN_PYTHON" -m hpcalign.launch.slurm_job claim "$HPCALIGN_RUN_DIR"
+claim_rc=$?
+if [[ $claim_rc -eq 3 ]]; then
+    exec "$HPCALIGN_PYTHON" -m hpcalign.launch.slurm_job after-step --rc 0 "$HPCALIGN_RUN_DIR"
+elif [[ $claim_rc -ne 0 ]]; then
+    exit "$claim_rc"
+fi
 export PYTHONUNBUFFERED=1 HDF5_USE_FILE_LOCKING=FALSE
 # Open MPI over TCP connects lazily and needs the sender to progress: without this thread a
 # control message sent right before a long torch call (e.g. the rendezvous) waits for it.

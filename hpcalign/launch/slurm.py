@@ -31,7 +31,13 @@ from submitit.slurm.slurm import SlurmExecutor, SlurmInfoWatcher, SlurmJob, _mak
 
 from hpcalign.config.schema import Config
 from hpcalign.errors import UserError
-from hpcalign.launch.rundir import atomic_write_text, make_private_dir, read_json, write_run_dir
+from hpcalign.launch.rundir import (
+    atomic_write_text,
+    finished_checkpoint,
+    make_private_dir,
+    read_json,
+    write_run_dir,
+)
 from hpcalign.launch.sbatch_text import (
     COMPONENTS,
     component0_parameters,
@@ -208,19 +214,35 @@ def _live_state(job_id: str) -> str | None:
     return states[0] if states else None
 
 
-def submit_run(cfg: Config) -> tuple[str, str]:
-    """Validate, write RUN_DIR, submit the het job; returns (job id, RUN_DIR)."""
+def submit_run(cfg: Config) -> tuple[str | None, str]:
+    """Validate, claim and write RUN_DIR, submit the het job; returns (job id, RUN_DIR).
+
+    The job id is None when the run had already finished (nothing is submitted). The
+    claim passes to the job once sbatch has answered (hpcalign/launch/claim.py).
+    """
+    from hpcalign.launch.claim import take_claim
+    from hpcalign.launch.local import say_finished
     from hpcalign.models.prepare import ensure_model
 
     run_dir = os.path.abspath(cfg.run_dir)
     python = job_python(cfg)
     hetjob_sbatch_text(cfg, run_dir, python)  # validates everything the text will hold
-    previous = read_job_record(run_dir)
-    if previous:
-        state = _live_state(previous["job_id"])
-        if state:
-            raise UserError(f"{run_dir} already belongs to job {previous['job_id']} ({state}); "
-                            f"`hpcalign cancel {run_dir}` first, or choose another run_dir=")
+    claim = take_claim(run_dir, "submit")  # refused while a job or local run owns it
+    try:
+        final = finished_checkpoint(run_dir, cfg.trainer.steps)
+        if final is not None:
+            say_finished(run_dir, final)
+            claim.release()
+            return None, run_dir
+        job_id = _submit_claimed(cfg, run_dir, python, ensure_model)
+    except BaseException:
+        claim.release()
+        raise
+    claim.hand_to_job(job_id)
+    return job_id, run_dir
+
+
+def _submit_claimed(cfg: Config, run_dir: str, python: str, ensure_model) -> str:
     ensure_model(cfg)
     write_run_dir(cfg)
     for name in os.listdir(os.path.join(run_dir, "errors")):  # an earlier attempt's failures
@@ -235,7 +257,7 @@ def submit_run(cfg: Config) -> tuple[str, str]:
         raise UserError(f"cannot submit from this machine: {err} (--dry-run prints the "
                         f"script without Slurm)") from None
     write_job_record(run_dir, job.job_id, "hpcalign submit")
-    return job.job_id, run_dir
+    return str(job.job_id)
 
 
 def _sacct_rows(job_id: str) -> list[dict[str, str]]:

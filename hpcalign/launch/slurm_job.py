@@ -1,7 +1,13 @@
-"""What runs inside the Slurm job besides the ranks: `prepare` and `after-step`.
+"""What runs inside the Slurm job besides the ranks: `prepare`, `claim` and `after-step`.
 
     python -m hpcalign.launch.slurm_job prepare [--colocated] CONFIG [key=value ...]
+    python -m hpcalign.launch.slurm_job claim RUN_DIR
     python -m hpcalign.launch.slurm_job after-step --rc RC RUN_DIR
+
+`claim` (the first line of the job step) takes RUN_DIR for this job id
+(hpcalign/launch/claim.py): exit 0 to run, 1 when another live run owns it (the script
+then changes nothing), 3 when the run has already finished (its final checkpoint exists:
+the script goes straight to `after-step`, which records "done").
 
 `prepare` is for the hand-written scripts in sbatch/: it validates the config against the
 allocation the #SBATCH lines asked for, writes RUN_DIR (mode 0700) and slurm.json, and
@@ -21,7 +27,8 @@ job does next, from RUN_DIR/state.json (written by the roles) and srun's exit st
                                  srun's report of the task that died first), written to
                                  RUN_DIR/errors/job-<id>.json when no rank could write one,
                                  and the job exits non-zero.
-Every attempt leaves RUN_DIR/logs/slurm-<job>.<restart>-outcome.json for `hpcalign status`.
+Every attempt leaves RUN_DIR/logs/slurm-<job>.<restart>-outcome.json for `hpcalign status`,
+and a job that will not run again (not requeued) releases its claim on RUN_DIR.
 
 `watch-step --pid SRUN_PID RUN_DIR` runs beside srun and stops it if it outlives its own
 job step (see hpcalign/launch/step_watch.py), so the wait for srun is bounded.
@@ -205,14 +212,52 @@ def after_step(run_dir: str, rc: int) -> int:
                               json.dumps(record) + "\n")
         _say(f"run failed: {line}")
         exit_status = rc or 1
-    atomic_write_text(os.path.join(run_dir, "logs", f"slurm-{attempt}-outcome.json"),
+    logs = os.path.join(run_dir, "logs")
+    atomic_write_text(os.path.join(logs, f"slurm-{attempt}-outcome.json"),
                       json.dumps(outcome, indent=2) + "\n")
+    _remove_dead_outcome_temps(logs)
+    if outcome["action"] != "requeued":  # the job is over: RUN_DIR is free again
+        from hpcalign.launch.claim import Claim, read_owner, same_owner, this_owner
+
+        holder = read_owner(run_dir)
+        if holder is not None and same_owner(holder, this_owner("slurm")):
+            Claim(run_dir, holder).release()
     return exit_status
+
+
+def _remove_dead_outcome_temps(logs: str) -> None:
+    """Temp files of outcome writes whose batch shell was killed mid-write (any attempt)."""
+    for name in os.listdir(logs) if os.path.isdir(logs) else []:
+        if name.startswith(".slurm-") and "-outcome.json.tmp-" in name:
+            try:
+                os.unlink(os.path.join(logs, name))
+            except OSError:
+                pass
+
+
+def claim(run_dir: str) -> int:
+    """The job's claim on RUN_DIR: 0 claimed (run), 3 finished already, 1 refused."""
+    from hpcalign.errors import UserError
+    from hpcalign.launch.claim import take_claim
+    from hpcalign.launch.local import say_finished
+    from hpcalign.launch.rundir import finished_checkpoint, read_run_config
+
+    try:
+        take_claim(run_dir, "slurm", say=_say)
+    except UserError as err:
+        _say(f"error: {err}")
+        return 1
+    final = finished_checkpoint(run_dir, read_run_config(run_dir).trainer.steps)
+    if final is not None:
+        say_finished(run_dir, final)
+        return 3
+    return 0
 
 
 def prepare(config: str, overrides: list[str], colocated: bool) -> str:
     """Validate against the allocation, write RUN_DIR + slurm.json; the shell lines to eval."""
     from hpcalign.config.load import load_config
+    from hpcalign.launch.claim import take_claim
     from hpcalign.launch.rundir import write_run_dir
     from hpcalign.launch.sbatch_text import check_slurm_config
     from hpcalign.launch.slurm import write_job_record
@@ -241,6 +286,7 @@ def prepare(config: str, overrides: list[str], colocated: bool) -> str:
             if have != ranks:
                 raise ConfigError(f"het component {i} has {have} tasks but {role}.ranks={ranks}: "
                                   f"edit its #SBATCH --nodes / --ntasks-per-node")
+    take_claim(run_dir, "slurm", say=_say)  # before anything in RUN_DIR is written
     ensure_model(cfg)
     write_run_dir(cfg)
     write_job_record(run_dir, env.get("SLURM_JOB_ID", ""),
@@ -260,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     after = sub.add_parser("after-step", help="done / requeue / failure after the job step")
     after.add_argument("--rc", type=int, required=True)
     after.add_argument("run_dir")
+    claim_parser = sub.add_parser("claim", help="claim RUN_DIR for this job (exit 3: finished)")
+    claim_parser.add_argument("run_dir")
     watch = sub.add_parser("watch-step", help="stop an srun that outlives its job step")
     watch.add_argument("--pid", type=int, required=True)
     watch.add_argument("--poll-s", type=float, default=POLL_S)
@@ -272,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             sys.stdout.write(prepare(args.config, args.overrides, args.colocated))
             return 0
+        if args.command == "claim":
+            return claim(os.path.abspath(args.run_dir))
         if args.command == "watch-step":
             watch_step(args.pid, os.path.abspath(args.run_dir), poll_s=args.poll_s,
                        grace_s=args.grace_s)

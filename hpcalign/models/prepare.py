@@ -22,4 +22,10 @@ def ensure_model(cfg: Config) -> None:
 
     transformers.utils.logging.disable_progress_bar()
 
-    init_model(path, cfg.model.init)
+    try:
+        init_model(path, cfg.model.init)  # atomic: a temp dir renamed into place
+    except (FileExistsError, OSError):
+        # NOTE: another run sharing this model.path built it first (its rename won);
+        # a whole model is there now, or the error is real.
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise

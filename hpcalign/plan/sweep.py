@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpcalign.durable import atomic_write_text
 from hpcalign.plan.report import Row
 from hpcalign.plan.study import Point, Study, points, run_overrides
 
@@ -71,9 +72,7 @@ def summarise(lines: list[dict[str, Any]], tokens_per_sample: int, ranks: int) -
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(str(path), json.dumps(data, indent=2) + "\n")
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:

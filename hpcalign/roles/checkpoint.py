@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from hpcalign import faults
+from hpcalign.durable import fsync_dir, fsync_tree
+from hpcalign.launch.rundir import checkpoint_dir, list_checkpoints
+
+__all__ = ["checkpoint_dir", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+
 CHECKPOINT_FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def checkpoint_dir(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
 
 
 def _split_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -75,16 +75,6 @@ def load_state_dict(tensors_path: str, json_path: str) -> dict[str, Any]:
     return _join_state(structure, load_file(tensors_path))
 
 
-def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def save_checkpoint(run_dir: str, step: int, model: Any, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> str:
     """Write checkpoint `step` atomically and prune all but the newest `keep`."""
@@ -99,23 +89,14 @@ def save_checkpoint(run_dir: str, step: int, model: Any, tokenizer: Any,
     save_file({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as handle:
         json.dump({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, handle, indent=2)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
+    faults.maybe_fire("checkpoint-write", step=step)
     if os.path.exists(final):  # a re-run of the same step after a crash: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
     _prune(run_dir, keep)
     return final
-
-
-def list_checkpoints(run_dir: str) -> list[int]:
-    """Steps of complete checkpoints, oldest first (temp dirs never match)."""
-    root = os.path.join(run_dir, "checkpoints")
-    steps = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        match = _STEP_DIR.match(name)
-        if match and os.path.isfile(os.path.join(root, name, "state.json")):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
 
 
 def _prune(run_dir: str, keep: int) -> None:

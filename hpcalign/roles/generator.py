@@ -13,11 +13,12 @@ import time
 
 import numpy as np
 
-from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD
+from hpcalign.comm.control import CONTROL_KINDS, TAG_CONTROL, TAG_SHARD
 from hpcalign.comm.weights import WeightBroadcaster
 from hpcalign.data.rollout import SamplingParams, sample_rollouts
 from hpcalign.data.shards import shard_path, write_shard
 from hpcalign.data.tasks import make_task, prompts_for_step
+from hpcalign.errors import ProtocolError
 from hpcalign.models.hf import load_model
 from hpcalign.models.precision import autocast
 from hpcalign.models.tokenizer import char_symbols
@@ -44,15 +45,29 @@ class Generator:
                                        top_k=gen.top_k, ignore_eos=gen.ignore_eos)
 
     def _next_control(self, what: str, timeout_s: float | None = None) -> dict:
+        """The next control message, checked: "sync" (weights follow) or "stop"."""
         message = self.ctx.control.recv(0, TAG_CONTROL, what, timeout_s)
-        if message["kind"] == "sync":
+        kind = message.get("kind")
+        if kind not in CONTROL_KINDS or (kind == "sync" and "version" not in message):
+            raise ProtocolError(f"{self.ctx.placement.describe_rank(self.ctx.rank)} waited for "
+                                f"{what} and got an unexpected control message {message!r} "
+                                f"(expected kind 'sync' with a version, or 'stop')")
+        if kind == "sync":
             self.receiver.broadcast()
             self.version = int(message["version"])
         return message
 
     def run(self) -> None:
         cfg = self.cfg
+        # The first message is "sync" (with the step to generate from) — or "stop" when the
+        # trainers found nothing left to train (a finished run started again).
         first = self._next_control("the initial weights", cfg.comm.startup_timeout_s)
+        if first["kind"] == "stop":
+            log.info("stopped before the first step: nothing left to generate")
+            return
+        if "generation_next_step" not in first:
+            raise ProtocolError(f"the first sync message {first!r} names no "
+                                f"generation_next_step")
         next_step = int(first["generation_next_step"])
         staleness = cfg.sync.max_staleness
         for step in range(next_step, cfg.trainer.steps):

@@ -20,6 +20,9 @@ import sys
 import time
 import traceback
 
+from hpcalign import faults
+from hpcalign.durable import atomic_write_text
+
 
 def _setup_logging(run_dir: str, rank: int) -> None:
     os.makedirs(os.path.join(run_dir, "logs"), mode=0o700, exist_ok=True)
@@ -51,10 +54,8 @@ def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> No
                   "SLURM_PACK_GROUP")}
     try:
         os.makedirs(os.path.join(run_dir, "errors"), mode=0o700, exist_ok=True)
-        path = os.path.join(run_dir, "errors", f"rank-{rank}.json")
-        with open(path + ".tmp", "w") as handle:
-            json.dump(record, handle)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(run_dir, "errors", f"rank-{rank}.json"),
+                          json.dumps(record) + "\n")
         logging.getLogger(__name__).error("%s failed:\n%s", who, traceback.format_exc())
     except OSError:
         pass
@@ -79,6 +80,7 @@ def run(run_dir: str, role: str | None = None) -> int:
     rank = comm.Get_rank()
     run_dir = os.path.abspath(run_dir)
     _setup_logging(run_dir, rank)
+    faults.configure(run_dir)
     who = f"world rank {rank}"
     try:
         import torch

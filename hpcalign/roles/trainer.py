@@ -10,8 +10,10 @@ version that no longer exists.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -19,13 +21,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpcalign import faults
 from hpcalign.algorithms.grpo import group_advantages, grpo_loss, kl_k3, sft_loss
-from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD
+from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD, TAG_TRAINERS
 from hpcalign.comm.weights import WeightBroadcaster, allreduce_gradients
 from hpcalign.data.rollout import bos_id, encode_prompt
 from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
 from hpcalign.data.tasks import make_task, prompts_for_step
-from hpcalign.errors import ShardError
+from hpcalign.durable import fsync_dir, fsync_tree
+from hpcalign.errors import ProtocolError, ShardError
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
 from hpcalign.models.hf import load_model, save_model
@@ -72,7 +76,10 @@ class Trainer:
         if self.cfg.trainer.sft_warmup_steps == 0:
             return self.cfg.model.path
         path = os.path.join(self.ctx.run_dir, "sft")
-        if not os.path.isdir(path):
+        need = torch.tensor([0.0 if os.path.isdir(path) else 1.0])
+        if self.ctx.placement.trainer.ranks > 1:  # the leader's view decides for all
+            dist.broadcast(need, src=0, group=self.ctx.trainer_group)
+        if need.item():
             self._sft_warmup(path)
         return path
 
@@ -99,12 +106,24 @@ class Trainer:
         log.info("SFT warm-up: %d steps, final loss %.4f", tcfg.sft_warmup_steps, loss.item())
         if self.is_leader:
             tmp = f"{out_dir}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
             save_model(model, tokenizer, tmp)
+            fsync_tree(tmp)
             os.replace(tmp, out_dir)
-        else:  # other data-parallel trainers wait for the leader's copy (bounded)
-            deadline = time.monotonic() + self.cfg.comm.startup_timeout_s
-            while not os.path.isdir(out_dir) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            fsync_dir(os.path.dirname(out_dir))
+            for rank in self.ctx.placement.trainer.world_ranks()[1:]:
+                self.ctx.control.send({"kind": "sft-saved", "path": out_dir}, dest=rank,
+                                      tag=TAG_TRAINERS)
+        else:  # every data-parallel trainer trained the same copy; the leader's is on disk
+            self._wait_sft_saved()
+
+    def _wait_sft_saved(self) -> None:
+        """Other trainers: the leader's word that the warm-up model is on disk (bounded)."""
+        message = self.ctx.control.recv(0, TAG_TRAINERS, "the saved SFT warm-up model",
+                                        self.cfg.comm.startup_timeout_s)
+        if message.get("kind") != "sft-saved":
+            raise ProtocolError(f"{self.ctx.placement.describe_rank(self.ctx.rank)} waited for "
+                                f"the saved SFT model and got {message!r}")
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -215,6 +234,7 @@ class Trainer:
                                     clip_eps=tcfg.clip_eps, kl_coef=tcfg.kl_coef,
                                     token_count=token_count)
             loss.backward()
+            faults.maybe_fire("step", step=step)
             with torch.no_grad():
                 fmask = mask.to(logp.dtype)
                 totals["loss"] += float(loss)
@@ -277,8 +297,6 @@ class Trainer:
 
     def _write_state(self, state: str, step: int, **extra: Any) -> None:
         if self.is_leader:
-            import json
-
             body = {"state": state, "step": step, "policy_version": self.version,
                     "steps": self.cfg.trainer.steps, "restart_count": restart_count(),
                     "time": time.time(), **extra}
@@ -296,11 +314,14 @@ class Trainer:
         ctx, cfg = self.ctx, self.cfg
         self._setup()
         steps, staleness = cfg.trainer.steps, cfg.sync.max_staleness
-        self._write_state("running", self.start_step)
-        if self.start_step >= steps:
+        if self.start_step >= steps:  # a finished run started again: nothing to train
+            log.info("checkpoint %d is final (trainer.steps=%d): nothing to train",
+                     self.start_step, steps)
             self._stop_generators()
-            self._write_state("done", steps)
+            self._write_state("done", self.start_step)
             return
+        self._write_state("running", self.start_step)
+        faults.maybe_fire("startup")
         self._sync(self.version, {"generation_next_step": max(self.generation_next_step,
                                                               self.start_step)})
         self.generation_next_step = max(self.generation_next_step, self.start_step)
@@ -321,12 +342,12 @@ class Trainer:
             if stop:
                 self._stop_generators()
             every = cfg.checkpoint.every_steps
-            if stop or done or (every and (step + 1) % every == 0):
+            checkpoint_due = stop or done or bool(every and (step + 1) % every == 0)
+            if checkpoint_due:
                 # shards of steps < c + staleness must be on disk before checkpoint c
                 for pending in range(step + 1, min(step + 1 + staleness, steps)):
                     if pending >= self.generation_next_step:
                         self._wait_announced(pending)
-                self._checkpoint(step + 1)
             now = time.perf_counter()
             metrics.update({
                 "policy_version": float(self.version),
@@ -342,8 +363,14 @@ class Trainer:
             every_eval = cfg.log.eval_every_steps
             if self.is_leader and (done or (every_eval and (step + 1) % every_eval == 0)):
                 metrics.update(self._evaluate())
+            # NOTE: the step's metrics line is written BEFORE its checkpoint: a job killed
+            # between the two redoes the step (and the writer drops the line), whereas the
+            # other order would resume after a step whose line was never written.
             if self.metrics is not None:
                 self.metrics.write(step, metrics)
+            if checkpoint_due:
+                self._checkpoint(step + 1)
+                faults.maybe_fire("after-checkpoint", step=step + 1)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
@@ -355,6 +382,7 @@ class Trainer:
                 break
         else:
             self._stop_generators()
+            faults.maybe_fire("before-done", step=steps)
             self._write_state("done", steps)
         if progress is not None:
             progress.close()
