@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from hpcalign.config.schema import TaskConfig
+from hpcalign.data.datasets import indices_for_step
 from hpcalign.errors import UserError
 
 RewardFn = Callable[[str, str, str], float]  # (prompt, answer, completion) -> reward
@@ -255,23 +256,13 @@ def check_symbols(task: Task, symbols: Iterable[str]) -> None:
         )
 
 
-@functools.lru_cache(maxsize=8)
-def _epoch_order(num_prompts: int, seed: int, epoch: int) -> np.ndarray:
-    return _rng(seed, 4, epoch).permutation(num_prompts)
-
-
 def prompts_for_step(task: Task, step: int, prompts_per_step: int, seed: int) -> np.ndarray:
     """Training prompt indices [prompts_per_step] (int64) of `step`: a shuffled epoch order.
 
     Position `step * prompts_per_step + j` of the stream is element `pos % N` of epoch
     `pos // N`'s permutation (N = task.num_prompts), so steps are reproducible from the seed.
+    The walk is `hpcalign.data.datasets.indices_for_step`, shared with prompt datasets.
     """
     if step < 0 or prompts_per_step < 1:
         raise ValueError(f"step={step} must be >= 0 and prompts_per_step={prompts_per_step} >= 1")
-    n = task.num_prompts
-    positions = np.arange(step * prompts_per_step, (step + 1) * prompts_per_step, dtype=np.int64)
-    out = np.empty(prompts_per_step, dtype=np.int64)
-    for epoch in np.unique(positions // n):
-        where = positions // n == epoch
-        out[where] = _epoch_order(n, seed, int(epoch))[positions[where] % n]
-    return out
+    return indices_for_step(task.num_prompts, seed, step, prompts_per_step)
