@@ -1,0 +1,77 @@
+"""One run per RUN_DIR, with real local runs: a second start is refused, a stale claim
+(a SIGKILLed job) is taken over, and the surviving run equals a lone run bitwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+from local_runs import (
+    ROOT,
+    checkpoint_tensors,
+    hpcalign_argv,
+    kill_job,
+    metrics,
+    run_to_end,
+    shard_checksums,
+    start_run,
+    wait_for_step,
+)
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("claim") / "lone"
+    run_to_end(run_dir)
+    return run_dir
+
+
+def assert_equal_runs(got, expected) -> None:
+    want, have = checkpoint_tensors(expected, STEPS), checkpoint_tensors(got, STEPS)
+    assert [k for k in want if not torch.equal(want[k], have[k])] == []
+    assert shard_checksums(got) == shard_checksums(expected)
+    assert [r["step"] for r in metrics(got)] == list(range(STEPS))
+    assert [r["reward_mean"] for r in metrics(got)] == [r["reward_mean"] for r in metrics(expected)]
+
+
+def test_second_run_on_a_live_run_dir_is_refused(lone, tmp_path):
+    run_dir = tmp_path / "shared"
+    first = start_run(run_dir)
+    wait_for_step(run_dir, 2, first)
+    started = time.monotonic()
+    second = subprocess.run(hpcalign_argv("run", os.path.join(ROOT, "configs", "quickstart.yaml"),
+                                          f"run_dir={run_dir}", "trainer.steps=10"),
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert time.monotonic() - started < 20  # at once, not after a run
+    assert second.returncode != 0
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, second.stderr
+    assert f"pid {first.pid}" in lines[0] and "hpcalign cancel" in lines[0], lines[0]
+    assert "Traceback" not in second.stderr
+    status = subprocess.run(hpcalign_argv("status", str(run_dir)), capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert f"local run pid {first.pid}" in status.stdout and ": alive" in status.stdout
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-3000:]
+    assert_equal_runs(run_dir, lone)
+    assert not os.path.exists(run_dir / "owner.json")  # released at the end
+
+
+def test_stale_claim_after_sigkill_is_taken_over(lone, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = start_run(run_dir)
+    wait_for_step(run_dir, 4, proc)
+    kill_job(proc)
+    assert os.path.exists(run_dir / "owner.json")  # nobody could release it
+    status = subprocess.run(hpcalign_argv("status", str(run_dir)), capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert "gone (stale claim)" in status.stdout and "interrupted" in status.stdout
+    result = run_to_end(run_dir)
+    assert "taking over the stale claim" in result.stderr
+    assert f"pid {proc.pid}" in result.stderr
+    assert_equal_runs(run_dir, lone)
