@@ -402,3 +402,64 @@ def test_rollout_array_sbatch_runs_every_slice(reference, tmp_path):
     assert sorted(p.name for p in out.glob("rollout-summary-*.json")) == [
         "rollout-summary-0000.json", "rollout-summary-0001.json"]
     assert any(out.rglob("*.h5")), list(out.rglob("*"))
+
+
+# ------------------------------------------------ boundaries and ownership (last: they
+# requeue the reference job, whose first attempt other tests read through sacct)
+def test_preempted_after_its_final_checkpoint_completes_on_requeue(reference, tmp_path):
+    """A requeue in the run's last seconds (final checkpoint written, state.json not yet
+    "done"): the requeued attempt finds the final checkpoint and completes, starting no
+    step. Meanwhile a second `hpcalign submit` of the live RUN_DIR is refused."""
+    ref_dir, _ = reference
+    run_dir = tmp_path / "last-seconds"
+    env = dict(os.environ, HPCALIGN_FAULTS="before-done:pause")  # sbatch exports it
+    proc = subprocess.run([sys.executable, "-m", "hpcalign.cli", "submit", QUICKSTART,
+                           f"run_dir={run_dir}", *TINY, f"trainer.steps={STEPS}"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    _SUBMITTED.append(job_id)
+    paused = run_dir / "faults" / f"before-done@{STEPS}.paused"
+    deadline = time.monotonic() + 400
+    while not paused.exists():
+        assert time.monotonic() < deadline, "the run never reached its final checkpoint"
+        poke_scheduler(job_id)
+        time.sleep(0.5)
+    second = hpcalign("submit", QUICKSTART, f"run_dir={run_dir}", *TINY,
+                      f"trainer.steps={STEPS}", check=False)
+    assert second.returncode != 0 and f"Slurm job {job_id}" in second.stderr, second.stderr
+    assert "submitted job" not in second.stdout
+    sh("scontrol", "requeue", job_id)
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    outcome = json.loads((run_dir / "logs" / f"slurm-{job_id}.1-outcome.json").read_text())
+    assert outcome["action"] == "done" and outcome["state"] == "done", outcome
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert {int(r["restart_count"]) for r in rows} == {0}  # the requeue trained nothing
+    expected, got = checkpoint_tensors(ref_dir, STEPS), checkpoint_tensors(run_dir, STEPS)
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert not (run_dir / "owner.json").exists()  # the job is over: RUN_DIR is free
+
+
+def test_finished_run_submitted_again_or_requeued_says_done(reference):
+    run_dir, job_id = reference
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = hpcalign("submit", QUICKSTART, f"run_dir={run_dir}", *TINY, f"trainer.steps={STEPS}")
+    assert "submitted job" not in again.stdout
+    assert f"run already finished at step {STEPS}" in again.stderr, again.stderr
+    assert str(run_dir / "checkpoints" / f"step-{STEPS:06d}") in again.stderr
+    # a requeue of the finished job (an operator's, or preemption racing the end)
+    sh("scontrol", "requeue", job_id)
+    record = run_dir / "logs" / f"slurm-{job_id}.1-outcome.json"
+    deadline = time.monotonic() + 300  # a requeued job waits for its BeginTime first
+    while not record.exists():
+        assert time.monotonic() < deadline, "the requeued finished job never ran"
+        poke_scheduler(job_id)
+        time.sleep(0.5)
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    outcome = json.loads(record.read_text())
+    assert outcome["action"] == "done", outcome
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    status = hpcalign("status", str(run_dir), check=False)
+    assert "state:      done" in status.stdout, status.stdout
