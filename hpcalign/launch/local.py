@@ -28,6 +28,7 @@ from hpcalign.launch.rundir import (
     atomic_write_text,
     finished_checkpoint,
     mark_finished,
+    prepare_model,
     read_json,
     write_run_dir,
 )
@@ -135,14 +136,12 @@ def run_local(cfg: Config) -> int:
 
 
 def _run_claimed(cfg: Config, claim: Claim) -> int:
-    from hpcalign.models.prepare import ensure_model
-
     run_dir = claim.run_dir
     final = finished_checkpoint(run_dir, cfg.trainer.steps)
     if final is not None:
         say_finished(run_dir, final)
         return 0
-    ensure_model(cfg)
+    prepare_model(cfg)
     run_dir = write_run_dir(cfg)
     for name in os.listdir(os.path.join(run_dir, "errors")):
         os.remove(os.path.join(run_dir, "errors", name))  # failures of an earlier attempt

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 from hpcalign.config.load import dump_config, load_config
 from hpcalign.config.schema import Config
 from hpcalign.durable import atomic_write_text
+from hpcalign.errors import UserError
 from hpcalign.plan.placement import compute_placement
 
 __all__ = ["atomic_write_text", "checkpoint_dir", "finished_checkpoint", "list_checkpoints",
-           "make_private_dir", "mark_finished", "read_json", "read_run_config",
+           "make_private_dir", "mark_finished", "prepare_model", "read_json", "read_run_config",
            "write_run_dir"]
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -79,6 +82,27 @@ def write_run_dir(cfg: Config) -> str:
     plan = compute_placement(cfg).to_dict()
     atomic_write_text(os.path.join(run_dir, "plan.json"), json.dumps(plan, indent=2) + "\n")
     return run_dir
+
+
+def prepare_model(cfg: Config) -> None:
+    """Make sure model.path holds a model (building `model.init`'s tiny one if asked).
+
+    NOTE: the build runs in a child process (`python -m hpcalign.models.prepare`): the
+    launcher stays free of torch and transformers, whose import alone costs seconds on a
+    login node. A model that is already there costs no child at all.
+    """
+    if os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        return
+    if cfg.model.init is None:
+        raise UserError(f"model.path='{cfg.model.path}' holds no HF model (config.json) and "
+                        f"model.init is not set; run `hpcalign init-model {cfg.model.path}` or "
+                        f"set model.init")
+    proc = subprocess.run([sys.executable, "-m", "hpcalign.models.prepare", cfg.model.path,
+                           cfg.model.init.model_dump_json()], capture_output=True, text=True)
+    if proc.returncode:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("hpcalign: error: ") if lines else "no output"
+        raise UserError(f"building model.init into {cfg.model.path} failed: {reason}")
 
 
 def read_run_config(run_dir: str) -> Config:

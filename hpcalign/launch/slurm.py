@@ -35,6 +35,7 @@ from hpcalign.launch.rundir import (
     atomic_write_text,
     finished_checkpoint,
     make_private_dir,
+    prepare_model,
     read_json,
     write_run_dir,
 )
@@ -222,8 +223,6 @@ def submit_run(cfg: Config) -> tuple[str | None, str]:
     """
     from hpcalign.launch.claim import take_claim
     from hpcalign.launch.local import say_finished
-    from hpcalign.models.prepare import ensure_model
-
     run_dir = os.path.abspath(cfg.run_dir)
     python = job_python(cfg)
     hetjob_sbatch_text(cfg, run_dir, python)  # validates everything the text will hold
@@ -234,7 +233,7 @@ def submit_run(cfg: Config) -> tuple[str | None, str]:
             say_finished(run_dir, final)
             claim.release()
             return None, run_dir
-        job_id = _submit_claimed(cfg, run_dir, python, ensure_model)
+        job_id = _submit_claimed(cfg, run_dir, python)
     except BaseException:
         claim.release()
         raise
@@ -242,8 +241,8 @@ def submit_run(cfg: Config) -> tuple[str | None, str]:
     return job_id, run_dir
 
 
-def _submit_claimed(cfg: Config, run_dir: str, python: str, ensure_model) -> str:
-    ensure_model(cfg)
+def _submit_claimed(cfg: Config, run_dir: str, python: str) -> str:
+    prepare_model(cfg)
     write_run_dir(cfg)
     for name in os.listdir(os.path.join(run_dir, "errors")):  # an earlier attempt's failures
         os.remove(os.path.join(run_dir, "errors", name))

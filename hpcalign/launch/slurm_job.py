@@ -258,10 +258,9 @@ def prepare(config: str, overrides: list[str], colocated: bool) -> str:
     """Validate against the allocation, write RUN_DIR + slurm.json; the shell lines to eval."""
     from hpcalign.config.load import load_config
     from hpcalign.launch.claim import take_claim
-    from hpcalign.launch.rundir import write_run_dir
+    from hpcalign.launch.rundir import prepare_model, write_run_dir
     from hpcalign.launch.sbatch_text import check_slurm_config
     from hpcalign.launch.slurm import write_job_record
-    from hpcalign.models.prepare import ensure_model
 
     cfg = load_config(config, overrides)
     run_dir = os.path.abspath(cfg.run_dir)
@@ -287,7 +286,7 @@ def prepare(config: str, overrides: list[str], colocated: bool) -> str:
                 raise ConfigError(f"het component {i} has {have} tasks but {role}.ranks={ranks}: "
                                   f"edit its #SBATCH --nodes / --ntasks-per-node")
     take_claim(run_dir, "slurm", say=_say)  # before anything in RUN_DIR is written
-    ensure_model(cfg)
+    prepare_model(cfg)
     write_run_dir(cfg)
     write_job_record(run_dir, env.get("SLURM_JOB_ID", ""),
                      "sbatch colocated" if colocated else "sbatch hetjob")
