@@ -177,6 +177,12 @@ def after_step(run_dir: str, rc: int) -> int:
             _say(f"stopped at step {state.get('step')} as requested; resume with "
                  f"`hpcalign submit` on the same config")
         elif restart < cfg.slurm.max_requeues:
+            # NOTE: the outcome is recorded BEFORE the requeue: `scontrol requeue` of its own
+            # job kills this batch shell at once ("CANCELLED ... DUE TO JOB REQUEUE"), so
+            # nothing after it is sure to run (seen: the record of attempt 0 was missing).
+            _write_outcome(run_dir, attempt, {**outcome, "action": "requeued"})
+            _say(f"checkpointed at step {state.get('step')}; requeueing job {job_id} "
+                 f"(restart {restart + 1} of at most {cfg.slurm.max_requeues})")
             proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True,
                                   text=True, timeout=REQUEUE_TIMEOUT_S)
             if proc.returncode:
@@ -186,8 +192,6 @@ def after_step(run_dir: str, rc: int) -> int:
                 _say(outcome["failure"])
             else:
                 outcome["action"] = "requeued"
-                _say(f"checkpointed at step {state.get('step')}; requeued job {job_id} "
-                     f"(restart {restart + 1} of at most {cfg.slurm.max_requeues})")
         else:
             outcome["action"] = "stopped"
             _say(f"checkpointed at step {state.get('step')}; not requeued: "
@@ -212,10 +216,7 @@ def after_step(run_dir: str, rc: int) -> int:
                               json.dumps(record) + "\n")
         _say(f"run failed: {line}")
         exit_status = rc or 1
-    logs = os.path.join(run_dir, "logs")
-    atomic_write_text(os.path.join(logs, f"slurm-{attempt}-outcome.json"),
-                      json.dumps(outcome, indent=2) + "\n")
-    _remove_dead_outcome_temps(logs)
+    _write_outcome(run_dir, attempt, outcome)
     if outcome["action"] != "requeued":  # the job is over: RUN_DIR is free again
         from hpcalign.launch.claim import Claim, read_owner, same_owner, this_owner
 
@@ -223,6 +224,14 @@ def after_step(run_dir: str, rc: int) -> int:
         if holder is not None and same_owner(holder, this_owner("slurm")):
             Claim(run_dir, holder).release()
     return exit_status
+
+
+def _write_outcome(run_dir: str, attempt: str, outcome: dict) -> None:
+    """RUN_DIR/logs/slurm-<job>.<restart>-outcome.json, atomically (for `status`)."""
+    logs = os.path.join(run_dir, "logs")
+    atomic_write_text(os.path.join(logs, f"slurm-{attempt}-outcome.json"),
+                      json.dumps(outcome, indent=2) + "\n")
+    _remove_dead_outcome_temps(logs)
 
 
 def _remove_dead_outcome_temps(logs: str) -> None:

@@ -129,3 +129,30 @@ def test_cancel_without_a_job_record_is_a_user_error(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="no slurm.json"):
         slurm.cancel_run(str(tmp_path))
+
+
+def test_requeue_outcome_is_recorded_before_scontrol_kills_the_batch_shell(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scontrol requeue` of its own job kills the batch shell at once (Slurm: "CANCELLED
+    ... DUE TO JOB REQUEUE"): the stand-in kills after-step the same way, and the attempt's
+    outcome must already be on disk, with no temp file left behind."""
+    import subprocess
+    import sys
+
+    from hpcalign.config.load import load_config
+    from hpcalign.launch.rundir import write_run_dir
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                   "quickstart.yaml"), [f"run_dir={run_dir}"])
+    write_run_dir(cfg)
+    (run_dir / "state.json").write_text(json.dumps({"state": "preempted", "step": 7}))
+    _fake_bin(tmp_path, monkeypatch, 'kill -9 "$PPID"')  # scontrol kills its caller
+    env = dict(os.environ, SLURM_JOB_ID="321", SLURM_RESTART_COUNT="0")
+    proc = subprocess.run([sys.executable, "-m", "hpcalign.launch.slurm_job", "after-step",
+                           "--rc", "0", str(run_dir)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr  # it really was killed inside the requeue
+    outcome = json.loads((run_dir / "logs" / "slurm-321.0-outcome.json").read_text())
+    assert outcome["action"] == "requeued" and outcome["step"] == 7
+    assert [n for n in os.listdir(run_dir / "logs") if ".tmp-" in n] == []
