@@ -31,19 +31,25 @@ _KL_LOG_RATIO_CLAMP = 20.0
 def _group_stats(
     rewards: torch.Tensor, group_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-element group mean, group size and sum of squared deviations (all [N])."""
+    """Per-element group mean, group size and sum of squared deviations (all [N]).
+
+    NaN rewards (unscorable samples) are left out of their group's statistics: the count,
+    mean and deviations are those of the scored members only.
+    """
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
         raise ValueError(
             f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must be "
             "equal-length 1-D tensors"
         )
-    values = rewards.double()
+    scored = ~torch.isnan(rewards)
+    values = torch.where(scored, rewards.double(), 0.0)
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
+    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, scored.double())
     sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, values)
-    mean = (sums / counts)[inverse]
-    sq_dev = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, (values - mean) ** 2)
+    mean = (sums / counts.clamp(min=1))[inverse]
+    deviations = torch.where(scored, values - mean, 0.0) ** 2
+    sq_dev = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, deviations)
     return mean, counts[inverse], sq_dev[inverse]
 
 
@@ -57,13 +63,16 @@ def group_advantages(
     """GRPO advantages [N]: (r - group mean) / (unbiased group std + eps).
 
     `rewards` [N] float, `group_ids` [N] any integers (equal id = same prompt). With
-    `scale_by_std=False` only the mean is subtracted (Dr. GRPO).
+    `scale_by_std=False` only the mean is subtracted (Dr. GRPO). A NaN reward (every reward
+    function returned None) gets advantage 0 and is left out of its group's mean and std,
+    as in TRL's GRPOTrainer.
     """
     mean, count, sq_dev = _group_stats(rewards, group_ids)
     advantages = rewards.double() - mean
     if scale_by_std:
         std = torch.where(count > 1, sq_dev / (count - 1).clamp(min=1), 0.0).sqrt()
         advantages = advantages / (std + eps)
+    advantages = torch.where(torch.isnan(rewards), 0.0, advantages)
     return advantages.to(rewards.dtype)
 
 
@@ -74,7 +83,8 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, **_: object)
     """
     mean, count, _ = _group_stats(rewards, group_ids)
     scale = torch.where(count > 1, count / (count - 1).clamp(min=1), 0.0)
-    return ((rewards.double() - mean) * scale).to(rewards.dtype)
+    advantages = torch.where(torch.isnan(rewards), 0.0, (rewards.double() - mean) * scale)
+    return advantages.to(rewards.dtype)
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {

@@ -176,18 +176,22 @@ def main(argv: list[str]) -> int:
 
 
 def _check_spelling(tokenizer, task, indices, prompts_path: str) -> None:
-    """UserError for a prompt the tokenizer can only spell with `<unk>` (the model would be
-    sampled on garbage, silently): the first such prompt and its unknown characters."""
-    from hpcalign.data.rollout import bos_id, encode_prompt
+    """UserError for a prompt the tokenizer cannot spell (it would become `<unk>`, or vanish
+    in a tokenizer without one, and the model would be sampled on garbage, silently): the
+    first such prompt and its missing characters."""
+    from hpcalign.data.datasets import render_prompt
 
-    unk, bos = tokenizer.unk_token_id, bos_id(tokenizer)
-    if unk is None:
-        return
+    def spelled(text: str) -> bool:
+        ids = render_prompt(tokenizer, text)
+        return tokenizer.decode(ids, skip_special_tokens=True) == text
+
     for index in indices:
         text = task.prompt(int(index))
-        if unk in encode_prompt(tokenizer, bos, text):
-            missing = sorted({c for c in text
-                              if unk in tokenizer.encode(c, add_special_tokens=False)})
+        if spelled(text):
+            continue
+        # NOTE: per character, and not whitespace: some tokenizers decode spaces differently
+        # (SentencePiece's leading space), which is not a character the model lacks
+        missing = sorted({c for c in text if not c.isspace() and not spelled(c)})
+        if missing:
             raise UserError(f"{prompts_path}: prompt {text!r} has characters the model's "
                             f"tokenizer lacks: {''.join(missing)!r}")
-

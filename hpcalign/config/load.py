@@ -32,9 +32,14 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. trainer.lr=1e-5)")
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err.__class__.__name__}: {err}") from None
+    if missing:  # `???` in a config: a value the user must give
+        lines = [f"  {key}: required, no value given ({_field_help(key.split('.'))}); "
+                 f"add the override {key}=..." for key in missing]
+        raise ConfigError("\n".join([f"{path}: {len(missing)} value(s) to set", *lines]))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
     return config_from_dict(data, source=path)
@@ -58,6 +63,8 @@ def _describe(err: ValidationError, data: dict[str, Any], source: str) -> str:
             lines.append(f"  {key}: unknown key{_did_you_mean(loc)}")
         elif kind == "missing":
             lines.append(f"  {key}: required key is missing ({_field_help(loc)})")
+        elif not loc:  # a rule across sections: its message names the keys and values
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             value = item.get("input")
             msg = item["msg"].removeprefix("Value error, ")
@@ -95,6 +102,8 @@ def _did_you_mean(loc: list[str]) -> str:
 
 
 def _field_help(loc: list[str]) -> str:
+    if not loc:  # a rule across sections: its message names the keys
+        return ""
     model = _model_at(loc)
     field = model.model_fields.get(loc[-1]) if model is not None else None
     return (field.description or "") if field is not None else ""

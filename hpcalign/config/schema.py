@@ -30,10 +30,10 @@ class ModelInit(Section):
 class ModelConfig(Section):
     """The policy (and frozen reference) as an HF-format causal LM directory."""
 
-    path: str = Field(..., description="HF model dir: config.json, safetensors, tokenizer.json.")
+    path: str = Field(..., description="HF model dir: config.json, safetensors, tokenizer files.")
     init: ModelInit | None = Field(
-        None, description="If set and `path` holds no model, build a tiny one there first."
-    )
+        None, description="If set and `path` holds no model, build a tiny one there first "
+        "(null: `path` is your own model).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype.")
     autocast: Literal["none", "bf16"] = Field(
         "none", description="bf16: forward passes under torch.autocast(bfloat16); weights, "
@@ -57,6 +57,39 @@ class TaskConfig(Section):
     def _lengths(self) -> TaskConfig:
         if self.max_len < self.min_len:
             raise ValueError(f"task.max_len={self.max_len} must be >= task.min_len={self.min_len}")
+        return self
+
+
+class DataConfig(Section):
+    """Prompt datasets in TRL's formats (data/datasets.py); unset: the built-in `task`."""
+
+    train: str | None = Field(
+        None, description="Training prompts: a .jsonl/.json (JSON Lines) or .parquet file, or "
+        "a datasets.save_to_disk directory, with a 'prompt' column (text or chat messages).")
+    eval: str | None = Field(
+        None, description="Held-out prompts for the greedy eval (log.eval_every_steps), same "
+        "formats; every row is evaluated.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens after rendering (null: no limit).")
+    truncation: Literal["skip", "truncate_left"] = Field(
+        "skip", description="A prompt over max_prompt_tokens: skip it (counted in the metric "
+        "prompts_skipped) or keep its last max_prompt_tokens tokens.")
+
+
+class RewardConfig(Section):
+    """Reward functions with TRL's signature (rewards/functions.py)."""
+
+    functions: list[str] = Field(
+        default_factory=list, description="Built-in names (exact_match, math_verify, format) or "
+        "'module:function' (TRL's signature); empty: the built-in task's own reward.")
+    weights: list[float] | None = Field(
+        None, description="One weight per function (null: 1.0 each).")
+
+    @model_validator(mode="after")
+    def _one_weight_each(self) -> RewardConfig:
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise ValueError(f"reward.weights has {len(self.weights)} values for "
+                             f"{len(self.functions)} reward.functions; give one per function")
         return self
 
 
@@ -167,7 +200,10 @@ class Config(Section):
     seed: int = Field(1234, description="Seed of prompts, sampling and initialisation.")
     algorithm: Literal["grpo"] = Field("grpo", description="Alignment algorithm.")
     model: ModelConfig
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: TaskConfig | None = Field(
+        None, description="A built-in task (default: reverse) when data.train is unset.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
@@ -176,3 +212,21 @@ class Config(Section):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _prompts_from_one_place(self) -> Config:
+        """Prompts come from `data.train` (with `reward.functions`) or from a built-in task."""
+        if self.data.train is None:
+            if self.task is None:
+                self.task = TaskConfig()
+            if self.data.eval is not None:
+                raise ValueError(f"data.eval={self.data.eval!r} needs data.train (a built-in "
+                                 "task holds its eval prompts out itself: task.eval_prompts)")
+            return self
+        if self.task is not None:
+            raise ValueError(f"data.train={self.data.train!r} and a task section "
+                             f"(task.name={self.task.name!r}) both give prompts; remove one (as an override: task=null)")
+        if not self.reward.functions:
+            raise ValueError(f"data.train={self.data.train!r} needs reward.functions, e.g. "
+                             "'reward.functions=[math_verify]' or '[my_module:my_reward]'")
+        return self

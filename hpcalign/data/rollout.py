@@ -1,10 +1,10 @@
 """Rollouts as HDF5 shards: the sampling shared by the generator role and `hpcalign rollout`.
 
-`sample_rollouts` turns prompt indices of a task into a `RolloutBatch` exactly as the
-generator role does for one step: `[<bos>] + encode(prompt)`, each prompt repeated
-`samples_per_prompt` times, one `hpcalign.models.sampler.sample` call seeded by one integer,
-rewards from the task. It does no I/O, so the same prompts, model and seed give the same
-batch (and the same shard checksum) in a training run and offline.
+`sample_rollouts` turns prompt indices of a task into a `RolloutBatch` as the generator
+role does for one step: each prompt in the tokenizer's own convention (`render_prompt`),
+repeated `samples_per_prompt` times, one `generate` call of the torch generation engine
+seeded by one integer, rewards from the task. It does no I/O, so the same prompts, model
+and seed give the same batch (and the same shard checksum) every time.
 
 `run_offline_rollout` is the offline driver behind `hpcalign rollout` (docs/rollout.md):
 array task `shard_index` of `num_shards` takes a contiguous slice of the prompts, samples
@@ -28,66 +28,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from hpcalign.data.datasets import render_prompt
 from hpcalign.data.shards import Ragged, RolloutBatch, read_shard, write_shard
 from hpcalign.data.tasks import Task, partial_match_reward
 from hpcalign.durable import atomic_write_text
+from hpcalign.engines.base import SamplingParams
 from hpcalign.errors import ShardError, UserError
-from hpcalign.models.sampler import sample, seeded_generator
+
+__all__ = ["ANSWER_REWARD", "OfflineRollout", "RolloutSummary", "SamplingParams",
+           "answer_reward", "batch_seed", "offline_shard_path", "run_offline_rollout",
+           "sample_rollouts", "slice_prompts"]
 
 # The reward `hpcalign rollout` uses without --reward (see `answer_reward`), by import path
 # because that is how `TaskConfig.reward` names a reward function.
 ANSWER_REWARD = "hpcalign.data.rollout:answer_reward"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SamplingParams:
-    """How completions are sampled; the fields and defaults of `GeneratorConfig`'s sampling."""
-
-    samples_per_prompt: int = 8
-    """Completions per prompt (a GRPO group)."""
-    max_new_tokens: int = 8
-    """Longest completion, in tokens (EOS included)."""
-    temperature: float = 1.0
-    """Softmax temperature, > 0."""
-    top_p: float = 1.0
-    """Nucleus mass in (0, 1]; 1 is off."""
-    top_k: int = 0
-    """Keep the k most likely tokens; 0 is off."""
-    ignore_eos: bool = False
-    """Always sample `max_new_tokens` (benchmarks: fixed-length work)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.samples_per_prompt < 1:
-            problems.append(f"samples_per_prompt={self.samples_per_prompt} must be >= 1")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            problems.append(f"temperature={self.temperature} must be a finite number > 0")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0: off)")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def as_attrs(self) -> dict[str, int | float]:
-        """The fields as shard attrs (booleans as 0/1: attrs hold strings and numbers only)."""
-        return {k: int(v) if isinstance(v, bool) else v for k, v in asdict(self).items()}
-
-
-def bos_id(tokenizer) -> int:
-    """The id of `<bos>`, which every prompt starts with (as in training)."""
-    bos = tokenizer.convert_tokens_to_ids("<bos>")
-    if not isinstance(bos, int) or bos == tokenizer.unk_token_id:
-        raise UserError("the model's tokenizer has no '<bos>' token, which hpcalign prompts "
-                        "start with; use a model built by 'hpcalign init-model' or trained by hpcalign")
-    return bos
-
-
-def encode_prompt(tokenizer, bos: int, text: str) -> list[int]:
-    """`[<bos>] + tokens(text)`: what the model saw as a prompt in training."""
-    return [bos, *tokenizer.encode(text, add_special_tokens=False)]
 
 
 def sample_rollouts(
@@ -110,24 +64,22 @@ def sample_rollouts(
     depends only on the arguments (and the device type). `attrs` go to the shard as is;
     keep timings out of them so equal rollouts give equal bytes.
     """
-    bos = bos_id(tokenizer)
+    from hpcalign.engines.torch_generation import TorchGenerationEngine
+
+    engine = TorchGenerationEngine(model, tokenizer)
     indices = np.asarray(prompt_indices, np.int64)
     prompt_ids = np.repeat(indices, params.samples_per_prompt)  # [N], groups adjacent
-    prompts = {int(i): encode_prompt(tokenizer, bos, task.prompt(int(i))) for i in indices}
+    prompts = {int(i): render_prompt(tokenizer, task.prompt(int(i))) for i in indices}
     expanded = [prompts[int(i)] for i in prompt_ids]
-    out = sample(model, expanded, max_new_tokens=params.max_new_tokens,
-                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                 eos_id=-1 if params.ignore_eos else tokenizer.eos_token_id,
-                 pad_id=tokenizer.pad_token_id,
-                 generator=seeded_generator(model, seed))
-    texts = tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+    out = engine.generate(expanded, params, seed)
+    texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
     rewards = np.array([task.reward(int(i), text) for i, text in zip(prompt_ids, texts)],
                        np.float32)
     return RolloutBatch(
         step=step, policy_version=policy_version, generator_rank=generator_rank,
         prompt_ids=prompt_ids,
         prompt_tokens=Ragged.from_list(expanded, np.int32),
-        completion_tokens=Ragged.from_list(out.tokens, np.int32),
+        completion_tokens=Ragged.from_list(out.token_ids, np.int32),
         logprobs=Ragged.from_list(out.logprobs, np.float32),
         rewards=rewards, seeds=np.full(len(prompt_ids), seed, np.int64),
         finished=np.asarray(out.finished, bool),

@@ -35,6 +35,7 @@ import numpy as np
 from hpcalign.config.schema import TaskConfig
 from hpcalign.data.datasets import indices_for_step
 from hpcalign.errors import UserError
+from hpcalign.rewards.builtin import partial_match_score
 
 RewardFn = Callable[[str, str, str], float]  # (prompt, answer, completion) -> reward
 
@@ -58,11 +59,11 @@ class Task(Protocol):
 
 
 def partial_match_reward(prompt: str, answer: str, completion: str) -> float:
-    """1.0 if `completion == answer`, else matching positions / max(len(completion), len(answer))."""
-    if completion == answer:
-        return 1.0
-    matches = sum(1 for a, b in zip(completion, answer) if a == b)
-    return matches / max(len(completion), len(answer))
+    """1.0 if `completion == answer`, else matching positions / max(len(completion), len(answer)).
+
+    The (prompt, answer, completion) form of the built-in reward `partial_match`.
+    """
+    return partial_match_score(answer, completion)
 
 
 def load_reward(spec: str) -> RewardFn:

@@ -5,7 +5,9 @@ an attention mask and position ids that make every row see exactly its own promp
 prompt's completion does not depend on what else is in the batch (up to float rounding).
 Each step feeds one new token per row through the HF KV cache (`DynamicCache`).
 
-Rows that emitted `<eos>` stay in the batch (fed `<pad>`, results ignored) rather than
+A row ends at the first of the model's EOS ids it samples (`eos_id` may list several, as
+Qwen2.5's `generation_config.json` does: `<|im_end|>` and `<|endoftext|>`). Rows that
+emitted EOS stay in the batch (fed `<pad>`, results ignored) rather than
 being cut out of the cache: re-indexing every layer's cache each step costs more than the
 few wasted rows at these sizes. The loop stops as soon as every row has finished.
 
@@ -21,6 +23,7 @@ the same generator state and inputs give bitwise-identical outputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,11 +104,15 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     generator: torch.Generator,
 ) -> SampleOutput:
-    """Sample up to `max_new_tokens` tokens after each prompt (prompts include any `<bos>`)."""
+    """Sample up to `max_new_tokens` tokens after each prompt (prompts include any `<bos>`).
+
+    `eos_id`: the id, or the ids, that end a completion (-1 or an empty list: never stop
+    early); `pad_id` only fills finished rows and left padding, which are masked.
+    """
     if not prompts:
         return SampleOutput(tokens=[], logprobs=[], finished=[])
     if any(len(p) == 0 for p in prompts):
@@ -115,6 +122,8 @@ def sample(
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     device = next(model.parameters()).device
+    eos_ids = [int(eos_id)] if isinstance(eos_id, int) else [int(e) for e in eos_id]
+    eos_ids = [e for e in eos_ids if e >= 0]
     if generator.device.type != device.type:
         raise ValueError(f"the random generator is on {generator.device} but the model on "
                          f"{device}: use seeded_generator(model, seed)")
@@ -139,6 +148,7 @@ def sample(
     out_logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = DynamicCache()
+    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     logits = model(
         input_ids=input_ids,
@@ -160,7 +170,7 @@ def sample(
         token.masked_fill_(finished.unsqueeze(1), pad_id)
         out_tokens[:, step : step + 1] = token
         out_logprobs[:, step : step + 1] = logp_all.gather(-1, token)
-        finished |= token.squeeze(1) == eos_id
+        finished |= torch.isin(token.squeeze(1), eos_tensor)
         steps = step + 1
         if step + 1 == max_new_tokens or bool(finished.all()):
             break
@@ -178,7 +188,7 @@ def sample(
     for row in range(batch):
         row_tokens, row_logprobs = tokens_list[row], logprobs_list[row]
         if result.finished[row]:
-            end = row_tokens.index(eos_id) + 1
+            end = next(t for t, token in enumerate(row_tokens) if token in eos_ids) + 1
             row_tokens, row_logprobs = row_tokens[:end], row_logprobs[:end]
         result.tokens.append(row_tokens)
         result.logprobs.append(row_logprobs)

@@ -1,8 +1,11 @@
 """Character-level tokenizer for the tiny models: one token per character.
 
 Ids: `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3, then the symbols in the given order.
-Encoding never adds special tokens by itself: callers put `<bos>` in front explicitly, so
-the same ids come out of the sampler, the trainer and an external engine (vLLM).
+Its convention is Llama's: encoding with special tokens (`tokenizer(text)`, the default)
+puts `<bos>` in front once, through a TemplateProcessing post-processor saved in
+tokenizer.json, and `add_special_tokens=False` gives the bare characters. So hpcalign,
+TRL and vLLM, which all take a standard prompt as `tokenizer(prompt)`, feed the model the
+same `[<bos>, ...]` ids without anyone knowing the tokenizer.
 
 How it is built, and why not a plain WordLevel model: `AutoTokenizer.from_pretrained` on a
 directory whose config.json says `model_type: qwen2` ignores the saved pipeline and rebuilds
@@ -12,12 +15,15 @@ A WordLevel char tokenizer loaded that way silently drops spaces. So this tokeni
 pipeline with no merges: a byte-level pre-tokenizer and decoder over single-byte symbols,
 whose BPE without merges is exactly a WordLevel over single characters. Every loader
 (`PreTrainedTokenizerFast`, `AutoTokenizer` on a Qwen2 or Llama dir, vLLM) then gives the
-same ids. Symbols must therefore be single-byte (ASCII) characters.
+same ids (both honour the saved post-processor). Symbols must therefore be single-byte
+(ASCII) characters. One difference remains: the Qwen2Tokenizer rebuild has no `<unk>`, so
+a character outside the symbols vanishes there and becomes `<unk>` in the saved pipeline;
+prompts are checked against the symbols before they reach a model (`data.tasks`).
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -45,7 +51,9 @@ def build_char_tokenizer(symbols: str) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
-    # NOTE: no post-processor, so encode() adds no <bos>/<eos> implicitly.
+    # NOTE: "<bos> $A" like Llama's add_bos_token; a pair gets one <bos> per sequence.
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -56,7 +64,6 @@ def build_char_tokenizer(symbols: str) -> PreTrainedTokenizerFast:
         model_input_names=["input_ids", "attention_mask"],
     )
     return tokenizer
-
 
 
 def char_symbols(tokenizer: PreTrainedTokenizerFast) -> str:

@@ -77,8 +77,10 @@ def plan_from_run_config(path: str, overrides: list[str], hardware: str | None) 
         "batch": {
             "prompts": cfg.generator.prompts_per_step,
             "samples_per_prompt": cfg.generator.samples_per_prompt,
-            # NOTE: a prompt is the task text; its longest problem plus a short template
-            "prompt_tokens": cfg.task.max_len + 8,
+            # NOTE: a dataset's prompts are bounded by data.max_prompt_tokens (else 512, a
+            # guess); a built-in task's are its longest problem plus a short template
+            "prompt_tokens": (cfg.data.max_prompt_tokens or 512) if cfg.task is None
+            else cfg.task.max_len + 8,
             "response_tokens": cfg.generator.max_new_tokens,
             "micro_batch": cfg.trainer.micro_batch or max(1, samples // cfg.trainer.ranks),
         },

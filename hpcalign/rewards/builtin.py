@@ -9,6 +9,10 @@ this sample") per completion. Completions are strings for standard prompts and
 - `math_verify`: 1.0 when HF math-verify finds the completion's answer equal to the gold
   one: MATH-style `solution` (the gold is its `\\boxed{}`) or GSM8K-style `answer` (the
   gold follows "####"). None where the gold cannot be parsed, like TRL's `accuracy_reward`.
+- `partial_match` (by import path, `hpcalign.rewards.builtin:partial_match`): 1.0 when
+  the completion equals the `answer` column exactly, else the share of positions where
+  they agree (of the longer one): the built-in tasks' reward, which gives credit for
+  format and partial progress.
 - `format_reward` (short name "format"): 1.0 when the completion is
   `<think>...</think>` followed by `<answer>...</answer>`. `format_reward_for(pattern)` makes
   one for another regex; a config names it by import path, e.g. `my_rewards:tagged`, after
@@ -58,6 +62,24 @@ def exact_match(
             else float(completion_text(completion).strip() == gold_text.strip())
         )
     return rewards
+
+
+def partial_match_score(answer: str, completion: str) -> float:
+    """1.0 if `completion == answer`, else matching positions / max(len(completion), len(answer))."""
+    if completion == answer:
+        return 1.0
+    matches = sum(1 for a, b in zip(completion, answer) if a == b)
+    return matches / max(len(completion), len(answer))
+
+
+def partial_match(
+    completions: Sequence[Completion], answer: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """`partial_match_score` of each completion against `answer` (not stripped); None if no answer."""
+    return [
+        None if gold is None else partial_match_score(_gold_text(gold), completion_text(c))
+        for c, gold in zip(completions, answer, strict=True)
+    ]
 
 
 def _gsm8k_gold(answer: str) -> str:

@@ -2,7 +2,8 @@
 
 Layout of `RUN_DIR/checkpoints/step-000050/` (50 = the next step to train):
   model/                 HF format (config.json, model.safetensors, tokenizer), so any
-                         checkpoint feeds `hpcalign rollout`, vLLM or a converter as is
+                         checkpoint feeds `hpcalign rollout`, vLLM or a converter as is;
+                         the tokenizer and config files are the input model's, byte for byte
   optimizer.safetensors  every tensor of the optimizer state, by flattened key
   optimizer.json         the rest of the optimizer state (param groups, scalars)
   rng.safetensors        torch's CPU RNG state
@@ -13,9 +14,11 @@ directory and renamed, so a killed job leaves either the whole checkpoint or non
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,15 +78,18 @@ def load_state_dict(tensors_path: str, json_path: str) -> dict[str, Any]:
     return _join_state(structure, load_file(tensors_path))
 
 
-def save_checkpoint(run_dir: str, step: int, model: Any, tokenizer: Any,
+def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None],
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> str:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep`.
+
+    `save_model(dir)` writes the model as an HF directory (the training engine's
+    `save_model`, which keeps the input's tokenizer and config files).
+    """
     final = checkpoint_dir(run_dir, step)
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp, mode=0o700)
-    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
-    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    save_model(os.path.join(tmp, "model"))
     save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"),
                     os.path.join(tmp, "optimizer.json"))
     save_file({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
@@ -112,7 +118,9 @@ def load_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place; returns the checkpoint's state.json."""
     path = checkpoint_dir(run_dir, step)
-    weights = load_file(os.path.join(path, "model", "model.safetensors"))
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(glob.glob(os.path.join(glob.escape(path), "model", "*.safetensors"))):
+        weights.update(load_file(file))  # one file, or the shards of a large model
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or any(key not in tied and "lm_head" not in key for key in missing):

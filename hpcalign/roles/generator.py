@@ -3,6 +3,12 @@
 Step k is sampled with policy version max(0, k - max_staleness) exactly — never a fresher
 one that happened to arrive early — so a run is reproducible bitwise whatever the timing,
 and a resumed run samples what the uninterrupted one would have.
+
+One step of one generator: its slice of the step's prompt rows (`indices_for_step`) →
+token ids in the tokenizer's own convention (`render_prompt`; rows over
+`data.max_prompt_tokens` skipped or cut) → each prompt `samples_per_prompt` times through
+the generation engine (`generator.backend`) → completions decoded and scored by the reward
+functions with TRL's call convention → one shard with the total and per-function rewards.
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ import time
 import numpy as np
 
 from hpcalign.comm.control import CONTROL_KINDS, TAG_CONTROL, TAG_SHARD
-from hpcalign.comm.weights import WeightBroadcaster
-from hpcalign.data.rollout import SamplingParams, sample_rollouts
-from hpcalign.data.shards import shard_path, write_shard
-from hpcalign.data.tasks import make_task, prompts_for_step
+from hpcalign.comm.weights import NamedWeightReceiver
+from hpcalign.data.datasets import filter_prompts, indices_for_step
+from hpcalign.data.shards import Ragged, RolloutBatch, shard_path, write_shard
+from hpcalign.data.sources import load_sources, render
+from hpcalign.engines import SamplingParams, build_generation_engine
 from hpcalign.errors import ProtocolError
-from hpcalign.models.hf import load_model
-from hpcalign.models.precision import autocast
 from hpcalign.models.tokenizer import char_symbols
+from hpcalign.rewards import TrainerState
 from hpcalign.roles.context import RoleContext, shard_seed
 
 log = logging.getLogger(__name__)
@@ -32,11 +38,14 @@ class Generator:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.index = ctx.rank - ctx.placement.generator.first_rank
-        self.model, self.tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
-        self.model.to(ctx.device).requires_grad_(False)
-        self.task = make_task(self.cfg.task, self.cfg.seed, symbols=char_symbols(self.tokenizer))
-        self.receiver = WeightBroadcaster(list(self.model.parameters()), self.cfg.sync.bucket_mb,
-                                          src=0, group=ctx.sync_group)
+        self.engine = build_generation_engine(self.cfg.generator.backend, self.cfg.model.path,
+                                              self.cfg, device=ctx.device)
+        self.tokenizer = self.engine.tokenizer
+        # a built-in task checks that the tokenizer spells it (char models)
+        symbols = char_symbols(self.tokenizer) if self.cfg.task is not None else None
+        self.sources = load_sources(self.cfg, symbols=symbols)
+        self.receiver = NamedWeightReceiver(self.engine.weight_loader(), src=0,
+                                            group=ctx.sync_group, device=self.engine.device)
         self.version = -1
         gen = self.cfg.generator
         self.sampling = SamplingParams(samples_per_prompt=gen.samples_per_prompt,
@@ -53,8 +62,9 @@ class Generator:
                                 f"{what} and got an unexpected control message {message!r} "
                                 f"(expected kind 'sync' with a version, or 'stop')")
         if kind == "sync":
-            self.receiver.broadcast()
+            self.receiver.sync()
             self.version = int(message["version"])
+            self.engine.policy_version = self.version
         return message
 
     def run(self) -> None:
@@ -79,25 +89,58 @@ class Generator:
         while self._next_control("the end of the run")["kind"] != "stop":
             pass
 
+    def _rollouts(self, step: int, rows: np.ndarray) -> tuple[RolloutBatch, float]:
+        """Sample and score this generator's prompt rows of `step`; (batch, reward seconds)."""
+        cfg, train, params = self.cfg, self.sources.train, self.sampling
+        kept, token_ids, skipped = filter_prompts(render(self.tokenizer, train, rows),
+                                                  cfg.data.max_prompt_tokens, cfg.data.truncation)
+        rows = rows[kept]
+        k = params.samples_per_prompt
+        prompt_ids = np.repeat(rows, k)  # [N], the samples of a prompt adjacent
+        expanded = [ids for ids in token_ids for _ in range(k)]
+        seed = shard_seed(cfg.seed, step, self.index)
+        out = self.engine.generate(expanded, params, seed)
+        reward_start = time.perf_counter()
+        texts = self.tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+        columns = {name: [v for v in values for _ in range(k)]
+                   for name, values in train.column_values(rows).items()}
+        state = TrainerState(global_step=step, max_steps=cfg.trainer.steps,
+                             epoch=step * cfg.generator.prompts_per_step / len(train))
+        total, per_function = self.sources.rewards.score(
+            [train.prompt(int(i)) for i in prompt_ids], texts, out.token_ids, columns,
+            conversational=train.is_conversational, trainer_state=state)
+        time_reward = time.perf_counter() - reward_start
+        names = tuple(self.sources.rewards.names)
+        values = (np.stack([per_function[n] for n in names], axis=1) if len(prompt_ids)
+                  else np.zeros((0, len(names)), np.float32))
+        batch = RolloutBatch(
+            step=step, policy_version=self.version, generator_rank=self.index,
+            prompt_ids=prompt_ids,
+            prompt_tokens=Ragged.from_list(expanded, np.int32),
+            completion_tokens=Ragged.from_list(out.token_ids, np.int32),
+            logprobs=Ragged.from_list(out.logprobs, np.float32),
+            rewards=np.asarray(total, np.float32), seeds=np.full(len(prompt_ids), seed, np.int64),
+            finished=np.asarray(out.finished, bool),
+            # no timings in attrs: equal rollouts give equal bytes (and checksums)
+            attrs={"task": self.sources.name, "prompts_skipped": skipped},
+            reward_names=names, reward_values=values.astype(np.float32))
+        return batch, time_reward
+
     def _publish(self, step: int) -> None:
         cfg, gen = self.cfg, self.cfg.generator
         start = time.perf_counter()
         per_rank = gen.prompts_per_step // gen.ranks
-        indices = prompts_for_step(self.task, step, gen.prompts_per_step, cfg.seed)
+        indices = indices_for_step(len(self.sources.train), cfg.seed, step, gen.prompts_per_step)
         mine = np.asarray(indices[self.index * per_rank:(self.index + 1) * per_rank], np.int64)
-        with autocast(self.model, cfg.model.autocast):
-            batch = sample_rollouts(self.model, self.tokenizer, self.task, mine, self.sampling,
-                                    seed=shard_seed(cfg.seed, step, self.index), step=step,
-                                    policy_version=self.version, generator_rank=self.index,
-                                    attrs={"task": self.task.name})  # no timings: equal bytes
-        time_sample = time.perf_counter() - start
+        batch, time_reward = self._rollouts(step, mine)
+        time_sample = time.perf_counter() - start - time_reward
         info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
         elapsed = time.perf_counter() - start
         announcement = {"step": step, "generator": self.index, "path": info.path,
                         "checksum": info.checksum, "size_bytes": info.size_bytes,
                         "policy_version": self.version, "samples": len(batch),
                         "time_generate_s": elapsed, "time_sample_s": time_sample,
-                        "pid": os.getpid()}
+                        "time_reward_s": time_reward, "pid": os.getpid()}
         for trainer in self.ctx.placement.trainer.world_ranks():
             self.ctx.control.send(announcement, dest=trainer, tag=TAG_SHARD)
         log.info("step %d: published %s (version %d, %.2f s)", step, info.path, self.version,

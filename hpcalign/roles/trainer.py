@@ -6,6 +6,11 @@ clipped policy loss + k3 KL → AdamW → broadcast version k+1 to generators �
 when due. A checkpoint at step c is only written once the shards of steps < c +
 max_staleness are on disk, so a resumed generator never has to re-sample with a policy
 version that no longer exists.
+
+The models are training engines (`hpcalign.engines`, `trainer.backend`): the policy (with
+its optimizer, data parallel over the trainer group) and the frozen reference. This role
+calls only their interface: pack, log-probs, one optimizer step from a loss function,
+named weights for the sync, checkpoints, and a generation view for the greedy eval.
 """
 
 from __future__ import annotations
@@ -22,31 +27,32 @@ import torch
 import torch.distributed as dist
 
 from hpcalign import faults
-from hpcalign.algorithms.grpo import group_advantages, grpo_loss, kl_k3, sft_loss
+from hpcalign.algorithms.grpo import group_advantages, sft_loss
 from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD, TAG_TRAINERS
-from hpcalign.comm.weights import WeightBroadcaster, allreduce_gradients
-from hpcalign.data.rollout import bos_id, encode_prompt
+from hpcalign.comm.weights import NamedWeightSender
+from hpcalign.data.datasets import filter_prompts, indices_for_step
 from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
-from hpcalign.data.tasks import make_task, prompts_for_step
+from hpcalign.data.sources import ANSWER, load_sources, render
 from hpcalign.durable import fsync_dir, fsync_tree
-from hpcalign.errors import ProtocolError, ShardError
+from hpcalign.engines import OptimizerSpec, SamplingParams, build_training_engine
+from hpcalign.errors import ProtocolError, ShardError, UserError
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
-from hpcalign.models.hf import load_model, save_model
-from hpcalign.models.logprobs import pack_sequences, token_logprobs
-from hpcalign.models.precision import autocast
-from hpcalign.models.sampler import sample, seeded_generator
-from hpcalign.roles.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from hpcalign.rewards import TrainerState
+from hpcalign.roles.checkpoint import list_checkpoints
 from hpcalign.roles.context import RoleContext, restart_count
+from hpcalign.roles.update import grpo_update, reward_metrics
 
 log = logging.getLogger(__name__)
 
 SFT_SEED_OFFSET = 0x5F7  # the warm-up's prompt stream is independent of GRPO's
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A packed batch on the rank's device (a no-op on the CPU)."""
-    return {key: value.to(device) for key, value in batch.items()}
+def answer_text(value: Any) -> str:
+    """A dataset's answer value as the text the SFT warm-up trains on (4.0 -> "4")."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def check_staleness(step: int, shard_step: int, policy_version: int, max_staleness: int,
@@ -60,15 +66,22 @@ def check_staleness(step: int, shard_step: int, policy_version: int, max_stalene
                                f"(sync.max_staleness={max_staleness})")
 
 
+def _sft_loss_fn(_index: int, batch: dict[str, torch.Tensor], logp: torch.Tensor,
+                 _entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = sft_loss(logp, batch["completion_mask"])
+    return loss, {"loss": float(loss.detach())}
+
+
 class Trainer:
     def __init__(self, ctx: RoleContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.index = ctx.rank  # trainers are world ranks 0..T-1
         self.is_leader = ctx.rank == 0
-        self.task = make_task(self.cfg.task, self.cfg.seed)  # the generator checks symbols
+        self.sources = load_sources(self.cfg)  # the generator checks a task's symbols
         self.announced: dict[int, dict[int, dict[str, Any]]] = {}
         self.generators = ctx.placement.generator.world_ranks()
+        self._eval_engine: Any = None  # the policy's generation view, made at the first eval
 
     # ----------------------------------------------------------------- setup
     def _reference_dir(self) -> str:
@@ -83,31 +96,44 @@ class Trainer:
             self._sft_warmup(path)
         return path
 
+    def _prompt_tokens(self, tokenizer: Any, prompts: Any,
+                       indices: Any) -> tuple[np.ndarray, list[list[int]], int]:
+        """Rendered rows `indices` after data.max_prompt_tokens: (kept positions, ids, skipped)."""
+        data = self.cfg.data
+        return filter_prompts(render(tokenizer, prompts, indices), data.max_prompt_tokens,
+                              data.truncation)
+
     def _sft_warmup(self, out_dir: str) -> None:
-        """Short supervised warm-up on the task's answers; deterministic, saved once."""
-        tcfg = self.cfg.trainer
-        model, tokenizer = load_model(self.cfg.model.path, self.cfg.model.dtype)
-        model.to(self.ctx.device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.sft_lr)
-        bos = bos_id(tokenizer)
+        """Short supervised warm-up on the dataset's answers; deterministic, saved once."""
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        train = self.sources.train
+        if ANSWER not in train.columns:
+            raise UserError(f"trainer.sft_warmup_steps={tcfg.sft_warmup_steps} trains on the "
+                            f"'{ANSWER}' column, which {train.path} does not have (columns: "
+                            f"{', '.join(train.columns) or 'none'}); set trainer.sft_warmup_steps=0")
+        # every data-parallel trainer trains the same copy: no data-parallel group here
+        engine = build_training_engine(tcfg.backend, cfg.model.path, cfg, device=self.ctx.device,
+                                       optimizer=OptimizerSpec(lr=tcfg.sft_lr))
+        tokenizer = engine.tokenizer
+        eos = (tokenizer.eos_token_id if tokenizer.eos_token_id is not None
+               else engine.eos_token_ids[0])  # what ends an assistant turn in a chat model
+        loss = float("nan")
         for step in range(tcfg.sft_warmup_steps):
-            indices = prompts_for_step(self.task, step, tcfg.sft_batch,
-                                       self.cfg.seed + SFT_SEED_OFFSET)
-            prompts = [encode_prompt(tokenizer, bos, self.task.prompt(int(i))) for i in indices]
-            answers = [[*tokenizer.encode(self.task.answer(int(i)), add_special_tokens=False),
-                        tokenizer.eos_token_id] for i in indices]
-            batch = _to(pack_sequences(prompts, answers, tokenizer.pad_token_id), self.ctx.device)
-            with autocast(model, self.cfg.model.autocast):
-                logp, _ = token_logprobs(model, batch)
-            loss = sft_loss(logp, batch["completion_mask"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        log.info("SFT warm-up: %d steps, final loss %.4f", tcfg.sft_warmup_steps, loss.item())
+            indices = indices_for_step(len(train), cfg.seed + SFT_SEED_OFFSET, step,
+                                       tcfg.sft_batch)
+            kept, prompts, _ = self._prompt_tokens(tokenizer, train, indices)
+            if not prompts:
+                continue
+            answers = [[*tokenizer(answer_text(a), add_special_tokens=False).input_ids, eos]
+                       for a in train.column_values(indices[kept])[ANSWER]]
+            result = engine.train_step([engine.pack(prompts, answers)], _sft_loss_fn,
+                                       temperature=1.0)
+            loss = result.metrics["loss"]
+        log.info("SFT warm-up: %d steps, final loss %.4f", tcfg.sft_warmup_steps, loss)
         if self.is_leader:
             tmp = f"{out_dir}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_model(model, tokenizer, tmp)
+            engine.save_model(tmp)
             fsync_tree(tmp)
             os.replace(tmp, out_dir)
             fsync_dir(os.path.dirname(out_dir))
@@ -127,27 +153,26 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        tcfg = cfg.trainer
         ref_dir = self._reference_dir()
-        self.policy, self.tokenizer = load_model(ref_dir, cfg.model.dtype)
-        self.reference, _ = load_model(ref_dir, cfg.model.dtype)
-        self.policy.to(self.ctx.device)
-        self.reference.to(self.ctx.device).requires_grad_(False)
-        self.policy.train()
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.trainer.lr,
-                                           betas=tuple(cfg.trainer.betas),
-                                           weight_decay=cfg.trainer.weight_decay)
+        spec = OptimizerSpec(lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
+                             grad_clip=tcfg.grad_clip)
+        self.policy = build_training_engine(tcfg.backend, ref_dir, cfg, device=self.ctx.device,
+                                            optimizer=spec, dp_group=self.ctx.trainer_group,
+                                            dp_size=self.ctx.placement.trainer.ranks)
+        self.reference = build_training_engine(tcfg.backend, ref_dir, cfg, device=self.ctx.device)
+        self.tokenizer = self.policy.tokenizer
         self.start_step, self.version = 0, 0
         self.generation_next_step = 0
         steps = list_checkpoints(self.ctx.run_dir)
         if steps:
-            state = load_checkpoint(self.ctx.run_dir, steps[-1], self.policy, self.optimizer)
+            state = self.policy.load_checkpoint(self.ctx.run_dir, steps[-1])
             self.start_step = int(state["step"])
             self.version = int(state["policy_version"])
             self.generation_next_step = int(state["generation_next_step"])
             log.info("resumed from checkpoint step %d", self.start_step)
-        self.broadcaster = WeightBroadcaster(list(self.policy.parameters()), cfg.sync.bucket_mb,
-                                             src=0, group=self.ctx.sync_group)
+        self.sender = NamedWeightSender(self.policy.named_weights, cfg.sync.bucket_mb, src=0,
+                                        group=self.ctx.sync_group)
         self.metrics = MetricsWriter(self.ctx.run_dir, cfg.log.tensorboard) if self.is_leader else None
 
     # ------------------------------------------------------------ weight sync
@@ -159,7 +184,7 @@ class Trainer:
                 self.ctx.control.send({"kind": "sync", "version": version, **(extra or {})},
                                       dest=rank, tag=TAG_CONTROL)
             try:
-                self.broadcaster.broadcast()
+                self.sender.sync()
             except RuntimeError as err:  # name the peers, not only gloo's socket
                 names = ", ".join(self.ctx.placement.describe_rank(r) for r in self.generators)
                 raise RuntimeError(f"weight sync of policy version {version} to {names} "
@@ -187,13 +212,13 @@ class Trainer:
         if step < self.generation_next_step:  # published before the last checkpoint
             batches = [read_shard(shard_path(self.ctx.run_dir, step, g))
                        for g in range(len(self.generators))]
-            return batches, {"time_generate_s": 0.0, "time_sample_s": 0.0}
+            return batches, {"time_generate_s": 0.0, "time_sample_s": 0.0, "time_reward_s": 0.0}
         infos = self._wait_announced(step)
         del self.announced[step]
         batches = [read_shard(infos[g]["path"], expected_checksum=infos[g]["checksum"])
                    for g in sorted(infos)]
-        return batches, {key: max(info[key] for info in infos.values())
-                         for key in ("time_generate_s", "time_sample_s")}
+        return batches, {key: max(info.get(key, 0.0) for info in infos.values())
+                         for key in ("time_generate_s", "time_sample_s", "time_reward_s")}
 
     # ------------------------------------------------------------ update
     def _update(self, step: int, batches: list[RolloutBatch]) -> dict[str, float]:
@@ -206,87 +231,73 @@ class Trainer:
         prompts = [p for b in batches for p in b.prompt_tokens.to_list()]
         completions = [c for b in batches for c in b.completion_tokens.to_list()]
         old = [lp for b in batches for lp in b.logprobs.to_list()]
-        advantages = group_advantages(rewards, torch.from_numpy(prompt_ids)).to(self.ctx.device)
+        if not completions:  # every prompt of the step was over data.max_prompt_tokens
+            nan = float("nan")  # no update: the policy stays as it is
+            return {"samples": 0.0, "reward_mean": nan, "kl": nan, **self._shard_counts(batches)}
+        # unscorable samples (NaN: no reward function applied) get advantage 0
+        advantages = group_advantages(rewards, torch.from_numpy(prompt_ids)).to(self.policy.device)
         lengths = np.array([len(c) for c in completions])
         token_count = float(max(1, lengths.sum()))
         # data parallel: each trainer takes a contiguous slice of the whole batch
         mine = np.array_split(np.arange(len(completions)), self.ctx.placement.trainer.ranks)[self.index]
-        micro = tcfg.micro_batch or max(1, len(mine))
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
-        for first in range(0, len(mine), micro):
-            rows = mine[first:first + micro]
-            batch = _to(pack_sequences([prompts[i] for i in rows], [completions[i] for i in rows],
-                                       self.tokenizer.pad_token_id), self.ctx.device)
-            mask = batch["completion_mask"]
-            old_logp = torch.zeros(mask.shape, dtype=torch.float32)
-            for row, i in enumerate(rows):
-                start = len(prompts[i])
-                old_logp[row, start:start + len(old[i])] = torch.from_numpy(old[i].astype(np.float32))
-            old_logp = old_logp.to(self.ctx.device)
-            precision = self.cfg.model.autocast
-            with torch.no_grad(), autocast(self.reference, precision):
-                ref_logp, _ = token_logprobs(self.reference, batch, self.cfg.generator.temperature)
-            with autocast(self.policy, precision):
-                logp, entropy = token_logprobs(self.policy, batch, self.cfg.generator.temperature,
-                                               with_entropy=True)
-            loss, parts = grpo_loss(logp, old_logp, ref_logp, advantages[rows], mask,
-                                    clip_eps=tcfg.clip_eps, kl_coef=tcfg.kl_coef,
-                                    token_count=token_count)
-            loss.backward()
-            faults.maybe_fire("step", step=step)
-            with torch.no_grad():
-                fmask = mask.to(logp.dtype)
-                totals["loss"] += float(loss)
-                totals["kl"] += float((kl_k3(logp, ref_logp) * fmask).sum()) / token_count
-                totals["entropy"] += float((entropy * fmask).sum()) / token_count
-                ntok = float(fmask.sum())
-                totals["pg_loss"] += parts.get("pg_loss", 0.0) * ntok / token_count
-                totals["clip_frac"] += parts.get("clip_frac", 0.0) * ntok / token_count
-        if self.ctx.placement.trainer.ranks > 1:
-            allreduce_gradients(self.params, self.ctx.trainer_group)
-            summed = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
-            dist.all_reduce(summed, group=self.ctx.trainer_group)
-            totals = dict(zip(sorted(totals), summed.tolist()))
-        grad_norm = float("nan")
-        if tcfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip))
-        self.optimizer.step()
+        result = grpo_update(self.policy, self.reference, [prompts[i] for i in mine],
+                             [completions[i] for i in mine], [old[i] for i in mine],
+                             advantages[torch.from_numpy(mine)], token_count, tcfg,
+                             temperature=self.cfg.generator.temperature,
+                             after_backward=lambda: faults.maybe_fire("step", step=step))
         versions = np.array([b.policy_version for b in batches])
         finished = np.concatenate([b.finished for b in batches])
+        scored = rewards[~torch.isnan(rewards)]
         return {
-            **totals,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(unbiased=False)),
-            "reward_max": float(rewards.max()),
+            **result.metrics,
+            "reward_mean": float(scored.mean()),
+            "reward_std": float(scored.std(unbiased=False)),
+            "reward_max": float(scored.max()) if scored.numel() else float("nan"),
+            **reward_metrics(batches),
             "response_len_mean": float(lengths.mean()),
             "response_len_max": float(lengths.max()),
             "finished_frac": float(finished.mean()),
-            "grad_norm": grad_norm,
+            "grad_norm": result.grad_norm,
             "staleness_mean": float((step - versions).mean()),
             "samples": float(len(completions)),
+            **self._shard_counts(batches),
         }
 
+    @staticmethod
+    def _shard_counts(batches: list[RolloutBatch]) -> dict[str, float]:
+        """Counts the generators recorded: prompts skipped (data.max_prompt_tokens), and
+        samples no reward function applied to."""
+        skipped = sum(int(b.attrs.get("prompts_skipped", 0)) for b in batches)
+        unscored = sum(int(np.isnan(b.rewards).sum()) for b in batches)
+        return {"prompts_skipped": float(skipped), "reward_unscored": float(unscored)}
+
     # ------------------------------------------------------------ eval
-    @torch.no_grad()
-    def _evaluate(self) -> dict[str, float]:
-        """Greedy decoding on held-out prompts: exact-match rate and mean reward."""
-        indices = list(self.task.eval_indices())
-        if not indices:
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Greedy decoding of the held-out prompts: mean reward (and exact match for a task)."""
+        prompts = self.sources.eval
+        if prompts is None:
             return {}
-        bos = bos_id(self.tokenizer)
-        prompts = [encode_prompt(self.tokenizer, bos, self.task.prompt(i)) for i in indices]
-        self.policy.eval()
-        with autocast(self.policy, self.cfg.model.autocast):
-            out = sample(self.policy, prompts, max_new_tokens=self.cfg.generator.max_new_tokens,
-                         temperature=1.0, top_k=1, eos_id=self.tokenizer.eos_token_id,
-                         pad_id=self.tokenizer.pad_token_id,
-                         generator=seeded_generator(self.policy, 0))
-        self.policy.train()
-        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        rewards = [self.task.reward(i, t) for i, t in zip(indices, texts)]
-        exact = [t == self.task.answer(i) for i, t in zip(indices, texts)]
-        return {"eval_reward": float(np.mean(rewards)), "eval_exact": float(np.mean(exact))}
+        kept, token_ids, _ = self._prompt_tokens(self.tokenizer, prompts, range(len(prompts)))
+        if not token_ids:
+            return {}
+        if self._eval_engine is None:
+            self._eval_engine = self.policy.generation_view()
+        greedy = SamplingParams(samples_per_prompt=1,
+                                max_new_tokens=self.cfg.generator.max_new_tokens,
+                                temperature=1.0, top_k=1)
+        out = self._eval_engine.generate(token_ids, greedy, seed=0)
+        texts = self.tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+        columns = prompts.column_values(kept)
+        total, per_function = self.sources.rewards.score(
+            [prompts.prompt(int(i)) for i in kept], texts, out.token_ids, columns,
+            conversational=prompts.is_conversational,
+            trainer_state=TrainerState(global_step=step + 1, max_steps=self.cfg.trainer.steps))
+        scored = total[~np.isnan(total)].astype(np.float64)
+        metrics = {"eval_reward": float(np.mean(scored)) if scored.size else float("nan")}
+        metrics.update({f"eval_{k}": v for k, v in self.sources.rewards.metrics(per_function).items()})
+        if self.sources.task is not None:  # a built-in task: the answer is exact text
+            metrics["eval_exact"] = float(np.mean([t == a for t, a in zip(texts, columns[ANSWER])]))
+        return metrics
 
     # ------------------------------------------------------------ loop
     def _stop_requested(self) -> bool:
@@ -305,10 +316,11 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         if self.is_leader:
             staleness = self.cfg.sync.max_staleness
-            save_checkpoint(self.ctx.run_dir, step, self.policy, self.tokenizer, self.optimizer,
-                            {"step": step, "policy_version": self.version,
-                             "generation_next_step": min(step + staleness, self.cfg.trainer.steps),
-                             "seed": self.cfg.seed}, keep=self.cfg.checkpoint.keep)
+            self.policy.save_checkpoint(
+                self.ctx.run_dir, step,
+                {"step": step, "policy_version": self.version,
+                 "generation_next_step": min(step + staleness, self.cfg.trainer.steps),
+                 "seed": self.cfg.seed}, keep=self.cfg.checkpoint.keep)
 
     def run(self) -> None:
         ctx, cfg = self.ctx, self.cfg
@@ -362,7 +374,7 @@ class Trainer:
             last = now
             every_eval = cfg.log.eval_every_steps
             if self.is_leader and (done or (every_eval and (step + 1) % every_eval == 0)):
-                metrics.update(self._evaluate())
+                metrics.update(self._evaluate(step))
             # NOTE: the step's metrics line is written BEFORE its checkpoint: a job killed
             # between the two redoes the step (and the writer drops the line), whereas the
             # other order would resume after a step whose line was never written.

@@ -139,3 +139,16 @@ def shard_checksums(run_dir) -> dict[str, str]:
             else:
                 found[f"{step_dir}/{name}"] = "NOT A SHARD"
     return found
+
+
+def assert_same_training(got, expected, steps: int) -> None:
+    """Two runs trained the same: final checkpoint bitwise (model and optimizer), every
+    step's shard the same, metrics.jsonl holding steps 0..steps-1 once with equal rewards."""
+    want, have = checkpoint_tensors(expected, steps), checkpoint_tensors(got, steps)
+    assert want.keys() == have.keys()
+    unequal = [k for k in want if not torch.equal(want[k], have[k])]
+    assert not unequal, f"tensors differ: {unequal[:5]}"
+    assert shard_checksums(got) == shard_checksums(expected)
+    rows = metrics(got)
+    assert [r["step"] for r in rows] == list(range(steps)), [r["step"] for r in rows]
+    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in metrics(expected)]

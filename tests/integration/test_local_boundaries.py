@@ -17,16 +17,13 @@ import sys
 import h5py
 import numpy as np
 import pytest
-import torch
 from local_runs import (
     QUICKSTART,
     ROOT,
     TINY,
-    checkpoint_tensors,
+    assert_same_training,
     hpcalign_argv,
-    metrics,
     run_to_end,
-    shard_checksums,
 )
 
 STEPS = 6
@@ -49,14 +46,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_run(got, expected) -> None:
-    want, have = checkpoint_tensors(expected, STEPS), checkpoint_tensors(got, STEPS)
-    assert want.keys() == have.keys()
-    unequal = [k for k in want if not torch.equal(want[k], have[k])]
-    assert not unequal, f"tensors differ after resume: {unequal[:5]}"
-    assert shard_checksums(got) == shard_checksums(expected)
-    rows = metrics(got)
-    assert [r["step"] for r in rows] == list(range(STEPS)), [r["step"] for r in rows]
-    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in metrics(expected)]
+    assert_same_training(got, expected, STEPS)
 
 
 def prompt_ids(run_dir, step: int) -> np.ndarray:

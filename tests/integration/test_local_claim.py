@@ -8,15 +8,12 @@ import subprocess
 import time
 
 import pytest
-import torch
 from local_runs import (
     ROOT,
-    checkpoint_tensors,
+    assert_same_training,
     hpcalign_argv,
     kill_job,
-    metrics,
     run_to_end,
-    shard_checksums,
     start_run,
     wait_for_step,
 )
@@ -32,11 +29,7 @@ def lone(tmp_path_factory):
 
 
 def assert_equal_runs(got, expected) -> None:
-    want, have = checkpoint_tensors(expected, STEPS), checkpoint_tensors(got, STEPS)
-    assert [k for k in want if not torch.equal(want[k], have[k])] == []
-    assert shard_checksums(got) == shard_checksums(expected)
-    assert [r["step"] for r in metrics(got)] == list(range(STEPS))
-    assert [r["reward_mean"] for r in metrics(got)] == [r["reward_mean"] for r in metrics(expected)]
+    assert_same_training(got, expected, STEPS)
 
 
 def test_second_run_on_a_live_run_dir_is_refused(lone, tmp_path):

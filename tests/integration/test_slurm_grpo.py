@@ -18,9 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from local_runs import QUICKSTART, TINY, checkpoint_tensors, metrics, shard_checksums
+from local_runs import (
+    QUICKSTART,
+    TINY,
+    assert_same_training,
+    metrics,
+    shard_checksums,
+)
 from slurm_cluster import SLURM_ONLY, sh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +111,15 @@ def wait_restart(job_id: str, restarts: int, timeout: float = 180) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not restart ({restarts}) within {timeout} s")
+
+
+def wait_for_file(path: Path, job_id: str, timeout: float, what: str) -> None:
+    """Until `path` exists (a marker or outcome record of the job), poking the scheduler."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{what}: no {path.name} within {timeout:.0f} s"
+        poke_scheduler(job_id)
+        time.sleep(0.5)
 
 
 def sacct_components(job_id: str) -> dict[str, dict[str, str]]:
@@ -194,15 +208,8 @@ def test_requeue_and_time_limit_signal_resume_bitwise(reference, tmp_path):
     outcome = json.loads((run_dir / "logs" / f"slurm-{job_id}.1-outcome.json").read_text())
     assert outcome["action"] == "requeued" and outcome["state"] == "preempted", outcome
     assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
-    expected, got = checkpoint_tensors(ref_dir, STEPS), checkpoint_tensors(run_dir, STEPS)
-    assert expected.keys() == got.keys()
-    unequal = [k for k in expected if not torch.equal(expected[k], got[k])]
-    assert not unequal, f"tensors differ after requeues: {unequal[:5]}"
-    assert shard_checksums(run_dir) == shard_checksums(ref_dir)
-    rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in metrics(ref_dir)]
-    assert {int(r["restart_count"]) for r in rows} == {0, 1, 2}
+    assert_same_training(run_dir, ref_dir, STEPS)
+    assert {int(r["restart_count"]) for r in metrics(run_dir)} == {0, 1, 2}
 
 
 @pytest.mark.timeout(1200)
@@ -220,11 +227,7 @@ def test_real_time_limit_warning_checkpoints_and_requeues(tmp_path):
                     "slurm.train.time_min=3", "slurm.gen.time_min=3",
                     "slurm.signal_before_end_s=60", "slurm.max_requeues=10")
     first_record = run_dir / "logs" / f"slurm-{job_id}.0-outcome.json"
-    deadline = time.monotonic() + 400
-    while not first_record.exists():
-        assert time.monotonic() < deadline, "no outcome of the first attempt"
-        poke_scheduler(job_id)
-        time.sleep(1)
+    wait_for_file(first_record, job_id, 400, "the first attempt never ended")
     first = json.loads(first_record.read_text())
     assert first["action"] == "requeued" and first["state"] == "preempted", first
     reached = first["step"]
@@ -432,11 +435,7 @@ def test_preempted_after_its_final_checkpoint_completes_on_requeue(reference, tm
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     _SUBMITTED.append(job_id)
     paused = run_dir / "faults" / f"before-done@{STEPS}.paused"
-    deadline = time.monotonic() + 400
-    while not paused.exists():
-        assert time.monotonic() < deadline, "the run never reached its final checkpoint"
-        poke_scheduler(job_id)
-        time.sleep(0.5)
+    wait_for_file(paused, job_id, 400, "the run never reached its final checkpoint")
     second = hpcalign("submit", QUICKSTART, f"run_dir={run_dir}", *TINY,
                       f"trainer.steps={STEPS}", check=False)
     assert second.returncode != 0 and f"Slurm job {job_id}" in second.stderr, second.stderr
@@ -446,11 +445,8 @@ def test_preempted_after_its_final_checkpoint_completes_on_requeue(reference, tm
     outcome = json.loads((run_dir / "logs" / f"slurm-{job_id}.1-outcome.json").read_text())
     assert outcome["action"] == "done" and outcome["state"] == "done", outcome
     assert json.loads((run_dir / "state.json").read_text())["state"] == "done"
-    rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    assert {int(r["restart_count"]) for r in rows} == {0}  # the requeue trained nothing
-    expected, got = checkpoint_tensors(ref_dir, STEPS), checkpoint_tensors(run_dir, STEPS)
-    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert_same_training(run_dir, ref_dir, STEPS)
+    assert {int(r["restart_count"]) for r in metrics(run_dir)} == {0}  # requeue trained nothing
     assert not (run_dir / "owner.json").exists()  # the job is over: RUN_DIR is free
 
 
@@ -464,11 +460,8 @@ def test_finished_run_submitted_again_or_requeued_says_done(reference):
     # a requeue of the finished job (an operator's, or preemption racing the end)
     sh("scontrol", "requeue", job_id)
     record = run_dir / "logs" / f"slurm-{job_id}.1-outcome.json"
-    deadline = time.monotonic() + 300  # a requeued job waits for its BeginTime first
-    while not record.exists():
-        assert time.monotonic() < deadline, "the requeued finished job never ran"
-        poke_scheduler(job_id)
-        time.sleep(0.5)
+    # a requeued job waits for its BeginTime first
+    wait_for_file(record, job_id, 300, "the requeued finished job never ran")
     assert wait_done(run_dir, job_id) == "COMPLETED"
     outcome = json.loads(record.read_text())
     assert outcome["action"] == "done", outcome

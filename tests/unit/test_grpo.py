@@ -152,3 +152,34 @@ def test_shape_errors():
         grpo_loss(x, x[:, :2], x, torch.zeros(2), x, clip_eps=0.2, kl_coef=0.0)
     with pytest.raises(ValueError):
         group_advantages(torch.zeros(3), torch.zeros(2))
+
+
+def test_unscorable_samples_get_zero_advantage_and_leave_the_group_baseline():
+    """NaN rewards (every reward function returned None), as TRL's GRPOTrainer treats them:
+    advantage 0, and the group's mean and std are those of its scored members only."""
+    rewards, groups = _rewards_and_groups(seed=5)
+    rng = random.Random(1)
+    for i in rng.sample(range(len(rewards)), 6):
+        rewards[i] = math.nan
+    whole = [g for g in set(groups) if groups.count(g) == 3][0]
+    for i, g in enumerate(groups):
+        if g == whole:
+            rewards[i] = math.nan  # a group with no scored member at all
+    got = group_advantages(torch.tensor(rewards), torch.tensor(groups), eps=1e-6)
+    rloo = rloo_advantages(torch.tensor(rewards), torch.tensor(groups))
+    assert torch.isfinite(got).all() and torch.isfinite(rloo).all()
+    for i, (r, g) in enumerate(zip(rewards, groups)):
+        if math.isnan(r):
+            assert float(got[i]) == 0.0 and float(rloo[i]) == 0.0
+            continue
+        scored = [rr for rr, gg in zip(rewards, groups) if gg == g and not math.isnan(rr)]
+        mean = statistics.fmean(scored)
+        std = statistics.stdev(scored) if len(scored) > 1 else 0.0
+        assert float(got[i]) == pytest.approx((r - mean) / (std + 1e-6), abs=1e-5)
+        expected_rloo = (r - mean) * len(scored) / (len(scored) - 1) if len(scored) > 1 else 0.0
+        assert float(rloo[i]) == pytest.approx(expected_rloo, abs=1e-6)
+    # without NaNs nothing changes: the same numbers as a plain computation
+    clean = torch.tensor([0.0, 1.0, 0.5, 0.25])
+    assert torch.equal(group_advantages(clean, torch.zeros(4, dtype=torch.long)),
+                       ((clean.double() - clean.double().mean()) /
+                        (clean.double().std() + 1e-6)).float())

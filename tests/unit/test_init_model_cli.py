@@ -33,7 +33,7 @@ def test_symbols_set_the_vocabulary(tmp_path):
     out = tmp_path / "m"
     init_model.main([str(out), *SMALL, "--symbols", "xy="])
     _, tok = load_model(str(out))
-    assert len(tok) == 7 and tok.encode("yx=") == [5, 4, 6]
+    assert len(tok) == 7 and tok.encode("yx=", add_special_tokens=False) == [5, 4, 6]
     with pytest.raises(UserError):
         init_model.main([str(tmp_path / "dup"), *SMALL, "--symbols", "xx"])
 

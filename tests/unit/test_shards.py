@@ -136,7 +136,7 @@ def test_ragged():
 def test_write_leaves_no_temp_file_and_private_dirs(tmp_path, written):
     _, info = written
     directory = os.path.dirname(info.path)
-    assert os.listdir(directory) == ["shard-0003.h5"]
+    assert sorted(os.listdir(directory)) == ["shard-0003.h5", "shard-0003.json"]  # + sidecar
     for d in (directory, os.path.dirname(directory)):  # step-000042 and rollouts
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
 
@@ -149,13 +149,16 @@ def test_final_name_appears_only_complete(tmp_path, monkeypatch):
 
     def checking_replace(src, dst):
         # at the moment of the rename: the final name does not exist yet and the temp file
-        # is already a complete, valid, fsynced shard
-        seen.append((os.path.exists(dst), read_shard(src, retry_s=0).step))
+        # is already a complete, valid, fsynced shard (the sidecar is renamed after it)
+        if dst.endswith(".h5"):
+            seen.append((os.path.exists(dst), os.path.exists(shards.sidecar_path(dst)),
+                         read_shard(src, retry_s=0).step))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", checking_replace)
     write_shard(path, batch)
-    assert seen == [(False, 42)]
+    assert seen == [(False, False, 42)]
+    assert shards.trusted_checksum(path) is not None
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -219,7 +222,14 @@ def flip_byte(path: str, offset: int) -> None:
         f.write(bytes([byte ^ 0xFF]))
 
 
-def expect_shard_error(path: str, match: str | None, **kwargs) -> ShardError:
+def expect_shard_error(path: str, match: str | None, *, keep_sidecar: bool = False,
+                       **kwargs) -> ShardError:
+    """read_shard must refuse `path` with `match`. The tests below change a shard after its
+    writer recorded it, so its sidecar alone would refuse it (test_shard_corruption.py):
+    without the sidecar, as for a foreign file, the parser's own checks must find each
+    fault (in the bounded child)."""
+    if not keep_sidecar and os.path.exists(shards.sidecar_path(path)):
+        os.unlink(shards.sidecar_path(path))
     with pytest.raises(ShardError, match=match) as info:
         read_shard(path, retry_s=0, **kwargs)
     assert info.value.path == path
@@ -283,13 +293,13 @@ def test_inconsistent_sample_count(written):
     expect_shard_error(info.path, "'prompt_ids' has 12 rows, expected 11")
 
 
-@pytest.mark.parametrize("version, match", [(2, "newer hpcalign"), (0, "not supported")])
+@pytest.mark.parametrize("version, match", [(3, "newer hpcalign"), (0, "not supported")])
 def test_wrong_version(written, version, match):
     _, info = written
     with h5py.File(info.path, "r+", locking=False) as f:
         f.attrs["format_version"] = np.int64(version)
     error = expect_shard_error(info.path, match)
-    assert f"knows {SHARD_FORMAT_VERSION}" in error.reason
+    assert "knows 1, 2" in error.reason
 
 
 def test_wrong_format(tmp_path):
@@ -314,7 +324,7 @@ def test_changed_attribute_breaks_checksum(written):
 
 def test_expected_checksum_mismatch(written):
     _, info = written
-    expect_shard_error(info.path, "announced", expected_checksum="0" * 64)
+    expect_shard_error(info.path, "announced", expected_checksum="0" * 32, keep_sidecar=True)
 
 
 # ------------------------------------------------------------------------ missing file
@@ -445,3 +455,73 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     write_shard(str(path), batch)
     assert not stale.exists() and other.exists()
     assert read_shard(str(path)).step == batch.step
+
+
+# -------------------------------------------------- version 2: per-function rewards
+
+
+def with_reward_functions(batch: RolloutBatch, names=("accuracy", "format")) -> RolloutBatch:
+    rng = np.random.default_rng(7)
+    values = rng.random((len(batch), len(names))).astype(np.float32)
+    values[::3, 0] = np.nan  # "did not apply" (the function returned None)
+    batch.reward_names, batch.reward_values = tuple(names), values
+    return batch
+
+
+def test_reward_functions_round_trip_as_version_2(tmp_path):
+    batch = with_reward_functions(make_batch())
+    info = write_shard(str(tmp_path / "v2.h5"), batch)
+    got = read_shard(info.path, expected_checksum=info.checksum)
+    assert_same(batch, got)
+    assert got.reward_names == ("accuracy", "format")
+    np.testing.assert_array_equal(got.reward_values, batch.reward_values)  # NaN where None
+    with h5py.File(info.path, "r") as f:
+        assert int(f.attrs["format_version"]) == 2 == SHARD_FORMAT_VERSION
+        assert f["reward_values"].shape == (len(batch) * 2,)
+    assert "reward accuracy  mean" in summarize_shard(info.path)
+    plain = write_shard(str(tmp_path / "v1.h5"), make_batch())  # none: still version 1
+    with h5py.File(plain.path, "r") as f:
+        assert int(f.attrs["format_version"]) == 1 and "reward_values" not in f
+    assert read_shard(plain.path).reward_names == ()
+
+
+def test_reward_functions_are_covered_by_the_checksum(tmp_path):
+    info = write_shard(str(tmp_path / "v2.h5"), with_reward_functions(make_batch()))
+    with h5py.File(info.path, "r+", locking=False) as f:
+        f.attrs["reward_names_json"] = '["accuracy", "length"]'
+    expect_shard_error(info.path, "checksum mismatch")
+    info = write_shard(str(tmp_path / "v2b.h5"), with_reward_functions(make_batch()))
+    with h5py.File(info.path, "r+", locking=False) as f:
+        data = f["reward_values"][()]
+        data[1] += 1.0
+        f["reward_values"][...] = data
+    expect_shard_error(info.path, "checksum mismatch")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("names", "reward_names_json' is not a JSON list of distinct names"),
+    ("rows", "'reward_values' has 23 rows, expected 24"),
+    ("missing", "attribute 'reward_names_json' missing"),
+])
+def test_bad_version_2_metadata_is_refused(tmp_path, change, message):
+    info = write_shard(str(tmp_path / "v2.h5"), with_reward_functions(make_batch()))
+    with h5py.File(info.path, "r+", locking=False) as f:
+        if change == "names":
+            f.attrs["reward_names_json"] = '["a", "a"]'
+        elif change == "rows":
+            data = f["reward_values"][()]
+            del f["reward_values"]
+            f["reward_values"] = data[:-1]
+        else:
+            del f.attrs["reward_names_json"]
+    expect_shard_error(info.path, message)
+
+
+def test_inconsistent_reward_values_are_refused_by_the_writer(tmp_path):
+    batch = with_reward_functions(make_batch())
+    batch.reward_values = batch.reward_values[:, :1]
+    with pytest.raises(ValueError, match=r"reward_values must have shape \[12, 2\]"):
+        write_shard(str(tmp_path / "x.h5"), batch)
+    batch = with_reward_functions(make_batch(), names=("a", "a"))
+    with pytest.raises(ValueError, match="distinct non-empty"):
+        write_shard(str(tmp_path / "x.h5"), batch)

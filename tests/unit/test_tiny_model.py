@@ -80,7 +80,7 @@ def test_load_model_round_trip_and_autotokenizer_agree(tmp_path):
     text = "abc= 12+3:z"
     # a qwen2 dir makes AutoTokenizer build a Qwen2Tokenizer: it must still agree
     assert AutoTokenizer.from_pretrained(out).encode(text) == tok.encode(text)
-    assert tok.encode(text) == [4 + DEFAULT_SYMBOLS.index(c) for c in text]
+    assert tok.encode(text) == [1] + [4 + DEFAULT_SYMBOLS.index(c) for c in text]  # <bos> once
 
     model.lm_head.weight.data.mul_(2)  # tied: changes the embedding too
     save_model(model, tok, str(tmp_path / "saved"))
