@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -46,13 +47,27 @@ def test_inspect_bad_shard_exits_1_without_traceback(tmp_path, capsys):
     bad = write_batch(str(tmp_path), 1)
     with h5py.File(bad, "r+", locking=False) as f:
         del f["rewards"]
+    foreign = str(tmp_path / "copied.h5")  # the same bad bytes, without the writer's sidecar
+    shutil.copyfile(bad, foreign)
     missing = str(tmp_path / "nope.h5")
-    assert main(["inspect", good, bad, missing]) == 1
+    assert main(["inspect", good, bad, foreign, missing]) == 1
     captured = capsys.readouterr()
-    assert f"BAD {bad}: dataset 'rewards' is missing" in captured.err
+    assert f"BAD {bad}: file checksum " in captured.err and "not parsed" in captured.err
+    assert f"BAD {foreign}: dataset 'rewards' is missing" in captured.err  # bounded child
     assert f"BAD {missing}: no such file" in captured.err
     assert "Traceback" not in captured.err + captured.out
-    assert "1 of 3 shards OK" in captured.out
+    assert "verified by its sidecar shard-0000.json" in captured.out
+    assert "1 of 4 shards OK" in captured.out
+
+
+def test_inspect_bounds_the_parse_of_a_file_without_sidecar(tmp_path, capsys):
+    good = write_batch(str(tmp_path), 0)
+    os.unlink(os.path.splitext(good)[0] + ".json")
+    assert main(["inspect", "--parse-timeout-s", "20", good]) == 0
+    assert "no sidecar: parsed first in a child process bounded to 20 s" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--parse-timeout-s", "0", good])
+    assert exit_info.value.code == 2
 
 
 def test_inspect_needs_a_shard(capsys):

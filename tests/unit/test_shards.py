@@ -137,6 +137,7 @@ def test_write_leaves_no_temp_file_and_private_dirs(tmp_path, written):
     _, info = written
     directory = os.path.dirname(info.path)
     assert sorted(os.listdir(directory)) == ["shard-0003.h5", "shard-0003.json"]  # + sidecar
+    assert stat.S_IMODE(os.stat(info.path).st_mode) == 0o600
     for d in (directory, os.path.dirname(directory)):  # step-000042 and rollouts
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
 
@@ -149,7 +150,7 @@ def test_final_name_appears_only_complete(tmp_path, monkeypatch):
 
     def checking_replace(src, dst):
         # at the moment of the rename: the final name does not exist yet and the temp file
-        # is already a complete, valid, fsynced shard (the sidecar is renamed after it)
+        # is already a complete, valid, fsynced shard, and its sidecar already names it
         if dst.endswith(".h5"):
             seen.append((os.path.exists(dst), os.path.exists(shards.sidecar_path(dst)),
                          read_shard(src, retry_s=0).step))
@@ -157,7 +158,7 @@ def test_final_name_appears_only_complete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", checking_replace)
     write_shard(path, batch)
-    assert seen == [(False, False, 42)]
+    assert seen == [(False, True, 42)]
     assert shards.trusted_checksum(path) is not None
 
 
