@@ -450,13 +450,17 @@ def test_preempted_after_its_final_checkpoint_completes_on_requeue(reference, tm
     assert not (run_dir / "owner.json").exists()  # the job is over: RUN_DIR is free
 
 
-def test_finished_run_submitted_again_or_requeued_says_done(reference):
-    run_dir, job_id = reference
+def test_finished_run_submitted_again_or_requeued_says_done(tmp_path):
+    # NOTE: its own short run, requeued right after it ends: slurmctld forgets a finished
+    # job after MinJobAge (300 s by default), and then `scontrol requeue` says "Invalid job id".
+    run_dir, steps = tmp_path / "finished", 2
+    job_id = submit(run_dir, f"trainer.steps={steps}")
+    assert wait_done(run_dir, job_id) == "COMPLETED"
     before = (run_dir / "metrics.jsonl").read_text()
-    again = hpcalign("submit", QUICKSTART, f"run_dir={run_dir}", *TINY, f"trainer.steps={STEPS}")
+    again = hpcalign("submit", QUICKSTART, f"run_dir={run_dir}", *TINY, f"trainer.steps={steps}")
     assert "submitted job" not in again.stdout
-    assert f"run already finished at step {STEPS}" in again.stderr, again.stderr
-    assert str(run_dir / "checkpoints" / f"step-{STEPS:06d}") in again.stderr
+    assert f"run already finished at step {steps}" in again.stderr, again.stderr
+    assert str(run_dir / "checkpoints" / f"step-{steps:06d}") in again.stderr
     # a requeue of the finished job (an operator's, or preemption racing the end)
     sh("scontrol", "requeue", job_id)
     record = run_dir / "logs" / f"slurm-{job_id}.1-outcome.json"
