@@ -137,7 +137,8 @@ class Generator:
         info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
         elapsed = time.perf_counter() - start
         announcement = {"step": step, "generator": self.index, "path": info.path,
-                        "checksum": info.checksum, "size_bytes": info.size_bytes,
+                        "checksum": info.checksum, "file_checksum": info.file_checksum,
+                        "size_bytes": info.size_bytes,
                         "policy_version": self.version, "samples": len(batch),
                         "time_generate_s": elapsed, "time_sample_s": time_sample,
                         "time_reward_s": time_reward, "pid": os.getpid()}

@@ -80,6 +80,10 @@ class Trainer:
         self.is_leader = ctx.rank == 0
         self.sources = load_sources(self.cfg)  # the generator checks a task's symbols
         self.announced: dict[int, dict[int, dict[str, Any]]] = {}
+        # {step: {generator: whole-file checksum}} of shards published before the last
+        # checkpoint, as that checkpoint recorded them: a resumed trainer verifies those
+        # files against its own record, not only against the sidecar beside them
+        self.recorded_shards: dict[int, dict[int, str]] = {}
         self.generators = ctx.placement.generator.world_ranks()
         self._eval_engine: Any = None  # the policy's generation view, made at the first eval
 
@@ -170,6 +174,8 @@ class Trainer:
             self.start_step = int(state["step"])
             self.version = int(state["policy_version"])
             self.generation_next_step = int(state["generation_next_step"])
+            self.recorded_shards = {int(k): {int(g): c for g, c in v.items()}
+                                    for k, v in state.get("shards", {}).items()}
             log.info("resumed from checkpoint step %d", self.start_step)
         self.sender = NamedWeightSender(self.policy.named_weights, cfg.sync.bucket_mb, src=0,
                                         group=self.ctx.sync_group)
@@ -210,12 +216,15 @@ class Trainer:
     def _read_step(self, step: int) -> tuple[list[RolloutBatch], dict[str, float]]:
         """The step's batches and the generators' timings (slowest generator)."""
         if step < self.generation_next_step:  # published before the last checkpoint
-            batches = [read_shard(shard_path(self.ctx.run_dir, step, g))
+            recorded = self.recorded_shards.pop(step, {})
+            batches = [read_shard(shard_path(self.ctx.run_dir, step, g),
+                                  expected_file_checksum=recorded.get(g))
                        for g in range(len(self.generators))]
             return batches, {"time_generate_s": 0.0, "time_sample_s": 0.0, "time_reward_s": 0.0}
         infos = self._wait_announced(step)
         del self.announced[step]
-        batches = [read_shard(infos[g]["path"], expected_checksum=infos[g]["checksum"])
+        batches = [read_shard(infos[g]["path"], expected_checksum=infos[g]["checksum"],
+                              expected_file_checksum=infos[g].get("file_checksum"))
                    for g in sorted(infos)]
         return batches, {key: max(info.get(key, 0.0) for info in infos.values())
                          for key in ("time_generate_s", "time_sample_s", "time_reward_s")}
@@ -320,7 +329,18 @@ class Trainer:
                 self.ctx.run_dir, step,
                 {"step": step, "policy_version": self.version,
                  "generation_next_step": min(step + staleness, self.cfg.trainer.steps),
-                 "seed": self.cfg.seed}, keep=self.cfg.checkpoint.keep)
+                 "seed": self.cfg.seed, "shards": self._pending_shards()},
+                keep=self.cfg.checkpoint.keep)
+
+    def _pending_shards(self) -> dict[str, dict[str, str]]:
+        """The whole-file checksums of the shards this checkpoint's resume will read from
+        disk (published, not yet trained on): announced ones and ones still recorded."""
+        pending = {step: dict(files) for step, files in self.recorded_shards.items()}
+        for step, infos in self.announced.items():
+            pending.setdefault(step, {}).update(
+                {g: info["file_checksum"] for g, info in infos.items() if "file_checksum" in info})
+        return {str(step): {str(g): c for g, c in sorted(files.items())}
+                for step, files in sorted(pending.items())}
 
     def run(self) -> None:
         ctx, cfg = self.ctx, self.cfg

@@ -6,13 +6,20 @@ the same checksum (no rollout lost, duplicated or re-sampled differently), and
 metrics.jsonl holds each step exactly once.
 """
 
+import json
 import random
+import shutil
 import signal
+import subprocess
 
 import pytest
 import torch
 from local_runs import (
+    QUICKSTART,
+    ROOT,
+    TINY,
     checkpoint_tensors,
+    hpcalign_argv,
     kill_job,
     metrics,
     run_to_end,
@@ -57,3 +64,27 @@ def test_killed_then_interrupted_run_resumes_bitwise(tmp_path, staleness):
     assert steps == list(range(STEPS)), steps
     ref_rewards = [row["reward_mean"] for row in metrics(reference)]
     assert [row["reward_mean"] for row in metrics(resumed)] == ref_rewards
+
+
+def test_resumed_trainer_checks_pending_shards_against_its_checkpoint(tmp_path):
+    """A shard published before checkpoint c and trained on after it is verified against
+    the whole-file checksum checkpoint c recorded, not only against the sidecar beside it:
+    a valid shard of another run swapped in WITH its own sidecar is refused by name."""
+    overrides = ["sync.max_staleness=1", "trainer.steps=6"]
+    run, other = tmp_path / "run", tmp_path / "other"
+    run_to_end(run, *overrides)
+    run_to_end(other, *overrides, "seed=99")
+    shard = run / "rollouts" / "step-000003" / "shard-0000.h5"
+    sidecar = json.loads(shard.with_suffix(".json").read_text())
+    state = json.loads((run / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["shards"] == {"3": {"0": sidecar["file_checksum"]}}
+
+    shutil.rmtree(run / "checkpoints" / "step-000006")  # resume from checkpoint 3
+    for suffix in (".h5", ".json"):
+        foreign = other / "rollouts" / "step-000003" / f"shard-0000{suffix}"
+        shutil.copyfile(foreign, shard.with_suffix(suffix))
+    argv = hpcalign_argv("run", QUICKSTART, f"run_dir={run}", *TINY, *overrides)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert str(shard) in result.stderr and "checksum" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr.splitlines()[-1]
