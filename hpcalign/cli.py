@@ -9,8 +9,10 @@ they never show a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
+from hpcalign.durable import keep_private
 from hpcalign.errors import UserError
 
 # name -> module under hpcalign.commands (each has HELP and main(argv) -> int)
@@ -27,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "sweep": "sweep",
     "report": "report",
 }
+# commands that create or write a RUN_DIR (or a rollout directory): their files are private
+RUN_DIR_WRITERS = frozenset({"run", "submit", "rollout", "sweep", "cancel"})
 
 
 def _usage() -> str:
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcalign: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"hpcalign.commands.{COMMANDS[name]}")
+    previous_umask = keep_private() if name in RUN_DIR_WRITERS else None
     try:
         return int(module.main(argv[1:]) or 0)
     except UserError as err:
@@ -68,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:  # an in-process caller (a test, a notebook) keeps its own umask
+        if previous_umask is not None:
+            os.umask(previous_umask)
 
 
 if __name__ == "__main__":

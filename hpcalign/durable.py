@@ -18,6 +18,20 @@ import uuid
 from hpcalign import faults
 
 
+PRIVATE_UMASK = 0o077
+
+
+def keep_private() -> int:
+    """Files and directories this process creates are its user's alone (0600 / 0700).
+
+    RUN_DIR is 0700, but its contents (weights, rollouts, logs, the config) must stay
+    private even if the directory is later moved, copied or opened up; so every process
+    that writes RUN_DIR (the launcher commands, the rank entries, the Slurm job script's
+    helpers) sets this umask first, and the children it starts inherit it. Returns the
+    previous umask (for an in-process caller that restores it)."""
+    return os.umask(PRIVATE_UMASK)
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename/creation inside `path` durable (a no-op where directories can't be opened)."""
     try:

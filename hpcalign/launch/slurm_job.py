@@ -48,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from hpcalign.durable import keep_private
 from hpcalign.launch.rundir import atomic_write_text, read_json
 from hpcalign.launch.step_watch import GRACE_S, POLL_S, stopped_record_path, watch_step
 
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hpcalign.errors import UserError
 
+    keep_private()
     try:
         if args.command == "prepare":
             sys.stdout.write(prepare(args.config, args.overrides, args.colocated))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from hpcalign.config.schema import ModelConfig
+from hpcalign.durable import keep_private
 from hpcalign.errors import UserError
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m hpcalign.models.prepare PATH INIT_JSON", file=sys.stderr)
         return 2
+    keep_private()
     model = ModelConfig(path=args[0], init=json.loads(args[1]))
     try:
         ensure_model(model)

@@ -21,7 +21,7 @@ import time
 import traceback
 
 from hpcalign import faults
-from hpcalign.durable import atomic_write_text
+from hpcalign.durable import atomic_write_text, keep_private
 
 
 def _setup_logging(run_dir: str, rank: int) -> None:
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=("trainer", "generator"), default=None)
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
+    keep_private()
     return run(args.run_dir, args.role)
 
 

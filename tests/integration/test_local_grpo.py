@@ -25,6 +25,11 @@ def test_run_dir_layout_and_metrics(tmp_path):
     run_dir = tmp_path / "run"
     run_to_end(run_dir, "trainer.steps=4", "log.eval_every_steps=2", "log.tensorboard=true")
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+    # private inside too (weights, rollouts, logs, config), whatever the caller's umask
+    shared = [f"{oct(stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode))} {os.path.join(d, n)}"
+              for d, dirs, files in os.walk(run_dir) for n in dirs + files
+              if os.stat(os.path.join(d, n)).st_mode & 0o077]
+    assert not shared, shared[:5]
     state = json.loads((run_dir / "state.json").read_text())
     assert state["state"] == "done" and state["step"] == 4
     rows = metrics(run_dir)
