@@ -17,7 +17,6 @@ import uuid
 
 from hpcalign import faults
 
-
 PRIVATE_UMASK = 0o077
 
 
