@@ -67,7 +67,9 @@ def _check_model_dir(path: str) -> dict:
 def load_tokenizer(path: str) -> Any:
     """The tokenizer of the model directory `path`, as `AutoTokenizer` loads it (offline)."""
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # trust_remote_code=False spelled out: a directory's own Python never runs, and
+        # transformers never stops to ask on a terminal
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: cannot load the tokenizer ({type(err).__name__}: {err})") from err
 
@@ -83,6 +85,7 @@ def load_model(path: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]
             dtype=_DTYPES[dtype],
             local_files_only=True,
             use_safetensors=True,
+            trust_remote_code=False,
             attn_implementation=config.get("attn_implementation", "sdpa"),
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:
