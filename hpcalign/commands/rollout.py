@@ -3,13 +3,15 @@
 For evaluation or distillation, on a laptop or as a Slurm job array (docs/rollout.md):
 
     hpcalign rollout --checkpoint runs/r1/checkpoints/step-000200 --prompts eval.jsonl \\
-        --out runs/r1/offline --samples-per-prompt 4 --max-new-tokens 64
+        --out runs/r1/offline --samples-per-prompt 4 --max-new-tokens 64 --reward math_verify
     sbatch --array=0-7 sbatch/rollout-array.sbatch CHECKPOINT PROMPTS OUT [options]
 
-Array task I of N (`--shard-index/--num-shards`, by default `SLURM_ARRAY_TASK_ID` /
-`SLURM_ARRAY_TASK_COUNT`) samples the I-th contiguous slice of the prompts into
-`OUT/shard-{I:04d}-{batch:05d}.h5`, skipping shards a previous attempt completed, then
-prints one summary line and writes `OUT/rollout-summary-{I:04d}.json`.
+Prompts are a TRL-format dataset (JSONL, Parquet or a `save_to_disk` directory; standard
+or conversational prompts) and rewards TRL-signature functions, loaded as a run loads
+`data.train` and `reward.functions`. Array task I of N (`--shard-index/--num-shards`, by
+default `SLURM_ARRAY_TASK_ID` / `SLURM_ARRAY_TASK_COUNT`) samples the I-th slice of the
+rows into `OUT/shard-{I:04d}-{batch:05d}.h5`, skipping shards a previous attempt
+completed, then prints one summary line and writes `OUT/rollout-summary-{I:04d}.json`.
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ import argparse
 import json
 import os
 
-from hpcalign.config.schema import GeneratorConfig, TaskConfig
+from hpcalign.config.schema import GeneratorConfig
 from hpcalign.errors import UserError
 
 HELP = "sample rollouts offline from a checkpoint into HDF5 shards (Slurm-array ready)"
 
-# Prompt indices (the shards' prompt_ids) follow the JSONL task's shuffled order. NOTE: a
-# fixed seed, not --seed, so a prompt keeps its index and its array task whatever sampling
-# seed is used, and rollouts of two seeds or checkpoints line up prompt by prompt.
-TASK_SEED = 0
+# Without --reward, a dataset with an `answer` column is scored as a run scores a built-in
+# task (1.0 exact, else matching positions); one without is not scored (NaN).
+DEFAULT_REWARD = "hpcalign.rewards.builtin:partial_match"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcalign rollout", description=HELP)
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="run checkpoint (RUN_DIR/checkpoints/step-N) or HF model dir")
-    parser.add_argument("--prompts", required=True, metavar="FILE.jsonl",
-                        help='one {"prompt": ..., "answer": ...} per line (answer optional)')
+    parser.add_argument("--prompts", required=True, metavar="DATASET",
+                        help="JSONL, Parquet or a datasets save_to_disk directory with a "
+                             "'prompt' column (a string or chat messages); other columns go "
+                             "to the reward functions")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="shard directory")
     parser.add_argument("--shard-index", type=int, default=None, metavar="I",
                         help="this array task (default: $SLURM_ARRAY_TASK_ID, else 0)")
@@ -56,9 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234, metavar="S", help="sampling seed (%(default)s)")
     parser.add_argument("--task", default="jsonl", metavar="NAME",
                         help="task label recorded in the shards (default: jsonl)")
-    parser.add_argument("--reward", default=None, metavar="module:function",
-                        help="reward (prompt, answer, completion) -> float; default: partial "
-                             "match against the answer, NaN for prompts without one")
+    parser.add_argument("--reward", action="append", default=None, metavar="SPEC",
+                        help="a reward function with TRL's signature, 'module:function' or a "
+                             "built-in (exact_match, math_verify, format); repeat for several "
+                             "(summed); default: partial match against an 'answer' column, "
+                             "else not scored (NaN)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                        help="longer prompts are skipped and counted, or cut (--truncation)")
+    parser.add_argument("--truncation", choices=["skip", "truncate_left"], default="skip",
+                        help="what --max-prompt-tokens does to a longer prompt (%(default)s)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="parameter dtype (%(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -119,20 +128,24 @@ def main(argv: list[str]) -> int:
     shard_index, num_shards = _array_position(args.shard_index, args.num_shards)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise UserError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
     model_dir, policy_version = resolve_checkpoint(args.checkpoint)
 
     # torch and transformers only now: a wrong flag or path answers in a blink
     from transformers.utils import logging as hf_logging
 
-    from hpcalign.data.rollout import (
-        ANSWER_REWARD,
+    from hpcalign.data.datasets import load_prompt_dataset
+    from hpcalign.engines import SamplingParams
+    from hpcalign.engines.offline import (
         OfflineRollout,
-        SamplingParams,
+        prompt_order,
         run_offline_rollout,
         slice_prompts,
     )
-    from hpcalign.data.tasks import make_task
+    from hpcalign.engines.torch_generation import TorchGenerationEngine
     from hpcalign.models.hf import load_model
+    from hpcalign.rewards import RewardSet, load_reward_functions
     from hpcalign.roles.device import role_device
 
     try:
@@ -142,23 +155,30 @@ def main(argv: list[str]) -> int:
     except ValueError as err:  # "top_p=2.0 must be in (0, 1]" -> "top-p=2.0 ..." (the flag)
         raise UserError(str(err).replace("_", "-")) from err
     hf_logging.disable_progress_bar()
-    task = make_task(TaskConfig(name="jsonl", prompts=args.prompts, eval_prompts=0,
-                                reward=args.reward or ANSWER_REWARD), TASK_SEED)
+    prompts = load_prompt_dataset(args.prompts)
+    specs = args.reward or ([DEFAULT_REWARD] if "answer" in prompts.columns else [])
+    rewards = load_reward_functions(specs) if specs else RewardSet([])
     model, tokenizer = load_model(model_dir, args.dtype)
     try:
         device = role_device(args.device, "--device")
     except RuntimeError as err:
         raise UserError(str(err)) from err
     model.to(device).requires_grad_(False)  # the generator role's placement rule
-    _check_spelling(tokenizer, task, slice_prompts(task.num_prompts, shard_index, num_shards),
-                    args.prompts)
+    engine = TorchGenerationEngine(model, tokenizer)
+    rows = prompt_order(len(prompts))[slice_prompts(len(prompts), shard_index, num_shards)]
+    _check_spelling(tokenizer, prompts, rows, args.prompts)
+    attrs: dict[str, str | int | float] = {
+        "task": args.task, "checkpoint": os.path.realpath(args.checkpoint),
+        "prompts": os.path.realpath(args.prompts),
+        "reward": ",".join(args.reward) if args.reward else ("answer" if specs else "none"),
+        "dtype": args.dtype, "device": device.type}
+    if args.max_prompt_tokens is not None:  # recorded: another limit is another rollout
+        attrs.update(max_prompt_tokens=args.max_prompt_tokens, truncation=args.truncation)
     job = OfflineRollout(
-        model=model, tokenizer=tokenizer, task=task, params=params, out_dir=args.out,
+        engine=engine, prompts=prompts, rewards=rewards, params=params, out_dir=args.out,
         shard_index=shard_index, num_shards=num_shards, batch_size=args.batch_size,
-        seed=args.seed, policy_version=policy_version,
-        attrs={"task": args.task, "checkpoint": os.path.realpath(args.checkpoint),
-               "prompts": os.path.realpath(args.prompts), "reward": args.reward or "answer",
-               "dtype": args.dtype, "device": device.type})
+        seed=args.seed, policy_version=policy_version, max_prompt_tokens=args.max_prompt_tokens,
+        truncation=args.truncation, attrs=attrs)
     # NOTE: the claim is taken only now, right before the first write into --out: array
     # tasks of one job share it (same SLURM_ARRAY_JOB_ID); a second local rollout or
     # another job on the same --out is refused.
@@ -175,23 +195,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _check_spelling(tokenizer, task, indices, prompts_path: str) -> None:
+def _check_spelling(tokenizer, prompts, rows, prompts_path: str) -> None:
     """UserError for a prompt the tokenizer cannot spell (it would become `<unk>`, or vanish
     in a tokenizer without one, and the model would be sampled on garbage, silently): the
-    first such prompt and its missing characters."""
-    from hpcalign.data.datasets import render_prompt
-
+    first such prompt and its missing characters. Chat prompts: each message's content."""
     def spelled(text: str) -> bool:
-        ids = render_prompt(tokenizer, text)
+        ids = tokenizer(text).input_ids
         return tokenizer.decode(ids, skip_special_tokens=True) == text
 
-    for index in indices:
-        text = task.prompt(int(index))
-        if spelled(text):
-            continue
-        # NOTE: per character, and not whitespace: some tokenizers decode spaces differently
-        # (SentencePiece's leading space), which is not a character the model lacks
-        missing = sorted({c for c in text if not c.isspace() and not spelled(c)})
-        if missing:
-            raise UserError(f"{prompts_path}: prompt {text!r} has characters the model's "
-                            f"tokenizer lacks: {''.join(missing)!r}")
+    for row in rows:
+        prompt = prompts.prompt(int(row))
+        texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "")
+                                                          for m in prompt]
+        for text in texts:
+            if spelled(text):
+                continue
+            # NOTE: per character, and not whitespace: some tokenizers decode spaces
+            # differently (SentencePiece's leading space), not a character the model lacks
+            missing = sorted({c for c in text if not c.isspace() and not spelled(c)})
+            if missing:
+                raise UserError(f"{prompts_path}: prompt {text!r} (row {int(row)}) has "
+                                f"characters the model's tokenizer lacks: {''.join(missing)!r}")

@@ -21,10 +21,11 @@ import numpy as np
 
 from hpcalign.comm.control import CONTROL_KINDS, TAG_CONTROL, TAG_SHARD
 from hpcalign.comm.weights import NamedWeightReceiver
-from hpcalign.data.datasets import filter_prompts, indices_for_step
-from hpcalign.data.shards import Ragged, RolloutBatch, shard_path, write_shard
-from hpcalign.data.sources import load_sources, render
+from hpcalign.data.datasets import indices_for_step
+from hpcalign.data.shards import RolloutBatch, shard_path, write_shard
+from hpcalign.data.sources import load_sources
 from hpcalign.engines import SamplingParams, build_generation_engine
+from hpcalign.engines.rollouts import sample_and_score
 from hpcalign.errors import ProtocolError
 from hpcalign.models.tokenizer import char_symbols
 from hpcalign.rewards import TrainerState
@@ -91,40 +92,17 @@ class Generator:
 
     def _rollouts(self, step: int, rows: np.ndarray) -> tuple[RolloutBatch, float]:
         """Sample and score this generator's prompt rows of `step`; (batch, reward seconds)."""
-        cfg, train, params = self.cfg, self.sources.train, self.sampling
-        kept, token_ids, skipped = filter_prompts(render(self.tokenizer, train, rows),
-                                                  cfg.data.max_prompt_tokens, cfg.data.truncation)
-        rows = rows[kept]
-        k = params.samples_per_prompt
-        prompt_ids = np.repeat(rows, k)  # [N], the samples of a prompt adjacent
-        expanded = [ids for ids in token_ids for _ in range(k)]
-        seed = shard_seed(cfg.seed, step, self.index)
-        out = self.engine.generate(expanded, params, seed)
-        reward_start = time.perf_counter()
-        texts = self.tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
-        columns = {name: [v for v in values for _ in range(k)]
-                   for name, values in train.column_values(rows).items()}
+        cfg, train = self.cfg, self.sources.train
         state = TrainerState(global_step=step, max_steps=cfg.trainer.steps,
                              epoch=step * cfg.generator.prompts_per_step / len(train))
-        total, per_function = self.sources.rewards.score(
-            [train.prompt(int(i)) for i in prompt_ids], texts, out.token_ids, columns,
-            conversational=train.is_conversational, trainer_state=state)
-        time_reward = time.perf_counter() - reward_start
-        names = tuple(self.sources.rewards.names)
-        values = (np.stack([per_function[n] for n in names], axis=1) if len(prompt_ids)
-                  else np.zeros((0, len(names)), np.float32))
-        batch = RolloutBatch(
-            step=step, policy_version=self.version, generator_rank=self.index,
-            prompt_ids=prompt_ids,
-            prompt_tokens=Ragged.from_list(expanded, np.int32),
-            completion_tokens=Ragged.from_list(out.token_ids, np.int32),
-            logprobs=Ragged.from_list(out.logprobs, np.float32),
-            rewards=np.asarray(total, np.float32), seeds=np.full(len(prompt_ids), seed, np.int64),
-            finished=np.asarray(out.finished, bool),
-            # no timings in attrs: equal rollouts give equal bytes (and checksums)
-            attrs={"task": self.sources.name, "prompts_skipped": skipped},
-            reward_names=names, reward_values=values.astype(np.float32))
-        return batch, time_reward
+        scored = sample_and_score(
+            self.engine, train, self.sources.rewards, rows, self.sampling,
+            seed=shard_seed(cfg.seed, step, self.index), step=step,
+            policy_version=self.version, generator_rank=self.index,
+            attrs={"task": self.sources.name},  # no timings: equal rollouts, equal bytes
+            max_prompt_tokens=cfg.data.max_prompt_tokens, truncation=cfg.data.truncation,
+            trainer_state=state)
+        return scored.batch, scored.time_reward_s
 
     def _publish(self, step: int) -> None:
         cfg, gen = self.cfg, self.cfg.generator

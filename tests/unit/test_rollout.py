@@ -1,4 +1,5 @@
-"""`hpcalign rollout` end to end on a real tiny model: shards, slicing, determinism, resume."""
+"""`hpcalign rollout` end to end on real tiny models: shards, slicing, determinism, resume,
+TRL-format datasets (JSONL, Parquet, conversational) and TRL-signature reward functions."""
 
 from __future__ import annotations
 
@@ -17,14 +18,9 @@ import torch
 from hpcalign.cli import main as cli_main
 from hpcalign.commands import rollout as rollout_command
 from hpcalign.config.schema import ModelInit
-from hpcalign.data.rollout import (
-    SamplingParams,
-    answer_reward,
-    batch_seed,
-    offline_shard_path,
-    slice_prompts,
-)
 from hpcalign.data.shards import read_shard
+from hpcalign.engines import SamplingParams
+from hpcalign.engines.offline import batch_seed, offline_shard_path, prompt_order, slice_prompts
 from hpcalign.errors import ShardError, UserError
 from hpcalign.models.hf import load_model
 from hpcalign.models.tiny import init_model
@@ -125,7 +121,10 @@ def test_three_array_tasks_cover_the_prompts_disjointly(checkpoint_dir, prompts_
         slices.append(sorted(set(ids.tolist())))
         assert len(ids) == K * len(slices[-1])
         assert (out / f"rollout-summary-{index:04d}.json").exists()
-    assert slices == [[0, 1, 2], [3, 4], [5, 6]]  # contiguous, disjoint, complete
+    # slices of one fixed shuffle of the rows: disjoint, complete, sizes 3/2/2
+    order = prompt_order(len(PROMPTS))
+    assert slices == [sorted(order[:3]), sorted(order[3:5]), sorted(order[5:])]
+    assert sorted(sum(slices, [])) == list(range(len(PROMPTS)))
 
 
 def test_slice_prompts_more_tasks_than_prompts():
@@ -207,7 +206,7 @@ def test_bad_jsonl_line_is_a_user_error_naming_file_and_line(model_dir, tmp_path
     code = cli_main(["rollout", "--checkpoint", model_dir, "--prompts", str(prompts),
                      "--out", str(tmp_path / "out")])
     assert code == 2
-    assert f"{prompts}:2: bad JSON" in capsys.readouterr().err
+    assert f"{prompts}:2: invalid JSON" in capsys.readouterr().err
 
 
 def test_prompt_the_tokenizer_cannot_spell_is_refused(model_dir, tmp_path):
@@ -234,12 +233,92 @@ def test_bad_flags_are_user_errors(flags, message, model_dir, prompts_file, tmp_
                               "--out", str(tmp_path / "out"), *flags])
 
 
-def test_answer_reward_and_sampling_defaults():
-    assert answer_reward("ab=", "ba", "ba") == 1.0
-    assert np.isnan(answer_reward("ab=", "", "ba"))
+def test_sampling_defaults_are_a_runs():
     from hpcalign.config.schema import GeneratorConfig
 
     defaults = asdict(SamplingParams())  # the same as a run's generator section
     shared = {k: getattr(GeneratorConfig(), k) for k in defaults if hasattr(GeneratorConfig(), k)}
     assert shared == {k: defaults[k] for k in shared}
     assert len(shared) >= 5
+
+
+# --- TRL-format datasets and reward functions (a user's model, not init-model's) --------
+
+CHATS = [
+    {"prompt": [{"role": "user", "content": "reverse abc"}], "label": "good"},
+    {"prompt": [{"role": "user", "content": "add 2+3"}], "label": None},
+    {"prompt": [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello there"}], "label": "bad"},
+    {"prompt": [{"role": "user", "content": "a much longer question about shards and MPI "
+                                            "that goes on and on"}], "label": "good"},
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> str:
+    from standins import qwen_standin
+
+    return qwen_standin(tmp_path_factory.mktemp("qwen") / "model")
+
+
+@pytest.mark.parametrize("layout", ["parquet", "disk"])
+def test_conversational_dataset_with_trl_reward_functions(qwen_dir, tmp_path, layout, capsys):
+    """Chat prompts from Parquet / a save_to_disk directory, rendered with the model's chat
+    template; two TRL reward functions by import path: the shards hold each function's
+    values (recomputed here from the decoded completions) and their sum (None skipped)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    if layout == "parquet":
+        prompts = str(tmp_path / "chats.parquet")
+        pq.write_table(pa.Table.from_pylist(CHATS), prompts)
+    else:
+        prompts = str(tmp_path / "chats")
+        datasets.Dataset.from_list(CHATS).save_to_disk(prompts)
+    out = tmp_path / "out"
+    assert cli_main(["rollout", "--checkpoint", qwen_dir, "--prompts", prompts, "--out", str(out),
+                     "--samples-per-prompt", "2", "--max-new-tokens", "6",
+                     "--reward", "reward_fns:length_reward",
+                     "--reward", "reward_fns:only_labelled"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    batch = read_shard(offline_shard_path(str(out), 0, 0))
+    assert batch.reward_names == ("length_reward", "only_labelled")
+    assert sorted(set(batch.prompt_ids.tolist())) == list(range(len(CHATS)))
+    assert batch.attrs["reward"] == "reward_fns:length_reward,reward_fns:only_labelled"
+    for i, row in enumerate(batch.prompt_ids.tolist()):
+        chat = CHATS[row]
+        template = tokenizer.apply_chat_template(chat["prompt"], add_generation_prompt=True,
+                                                 tokenize=False)
+        assert batch.prompt_tokens[i].tolist() == tokenizer(template, add_special_tokens=False).input_ids
+        text = tokenizer.decode(batch.completion_tokens[i].tolist(), skip_special_tokens=True)
+        length, labelled = batch.reward_values[i]
+        assert length == float(len(text))
+        if chat["label"] is None:
+            assert np.isnan(labelled) and batch.rewards[i] == length
+        else:
+            assert labelled == float(chat["label"] == "good")
+            assert batch.rewards[i] == pytest.approx(length + labelled)
+    assert "8 samples of 4 prompts" in capsys.readouterr().out
+
+
+def test_max_prompt_tokens_skips_and_counts(qwen_dir, tmp_path, capsys):
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    out = tmp_path / "out"
+    assert cli_main(["rollout", "--checkpoint", qwen_dir, "--prompts", str(prompts),
+                     "--out", str(out), "--samples-per-prompt", "2", "--max-new-tokens", "4",
+                     "--max-prompt-tokens", "30", "--reward", "reward_fns:length_reward"]) == 0
+    batch = read_shard(offline_shard_path(str(out), 0, 0))
+    assert 3 not in batch.prompt_ids.tolist()  # the long one
+    assert batch.attrs["prompts_skipped"] == 1 and batch.attrs["max_prompt_tokens"] == 30
+    assert (batch.prompt_tokens.lengths() <= 30).all()
+    assert "(1 too long, skipped)" in capsys.readouterr().out
+    summary = json.loads((out / "rollout-summary-0000.json").read_text())
+    assert summary["prompts_skipped"] == 1 and summary["samples"] == 6
+    # the same flags again: every shard recognised as this rollout's, nothing resampled
+    assert cli_main(["rollout", "--checkpoint", qwen_dir, "--prompts", str(prompts),
+                     "--out", str(out), "--samples-per-prompt", "2", "--max-new-tokens", "4",
+                     "--max-prompt-tokens", "30", "--reward", "reward_fns:length_reward"]) == 0
+    assert "0 shards written, 1 skipped" in capsys.readouterr().out

@@ -1,0 +1,95 @@
+"""One batch of rollouts: rows of a prompt dataset, sampled by a generation engine, scored.
+
+The generator role's step and each batch of `hpcalign rollout` are this one function, so
+an offline rollout samples and scores exactly as training does: prompts rendered in the
+tokenizer's own convention (`data.sources.render`), `max_prompt_tokens` applied
+(`data.datasets.filter_prompts`), each kept prompt repeated `samples_per_prompt` times
+(the samples of a prompt adjacent), one `engine.generate` call seeded by one integer,
+then the TRL-signature reward functions over the decoded completions. No I/O: equal
+arguments give an equal batch (and equal shard bytes) on the same device.
+
+    rollouts = sample_and_score(engine, dataset, rewards, rows, params, seed=7)
+    write_shard(path, rollouts.batch)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcalign.data.datasets import filter_prompts
+from hpcalign.data.shards import Ragged, RolloutBatch
+from hpcalign.data.sources import Prompts, render
+from hpcalign.engines.base import GenerationEngine, SamplingParams
+from hpcalign.rewards import RewardSet, TrainerState
+
+
+@dataclass(frozen=True)
+class ScoredRollouts:
+    """A scored batch, with what the metrics need besides it."""
+
+    batch: RolloutBatch
+    time_reward_s: float
+    prompts_skipped: int
+    """Rows dropped by `max_prompt_tokens` with truncation "skip" (recorded in the shard)."""
+
+
+def sample_and_score(
+    engine: GenerationEngine,
+    prompts: Prompts,
+    rewards: RewardSet,
+    rows: Sequence[int] | np.ndarray,
+    params: SamplingParams,
+    *,
+    seed: int,
+    step: int = 0,
+    policy_version: int = 0,
+    generator_rank: int = 0,
+    attrs: Mapping[str, str | int | float] | None = None,
+    max_prompt_tokens: int | None = None,
+    truncation: str = "skip",
+    trainer_state: TrainerState | None = None,
+) -> ScoredRollouts:
+    """Sample `params.samples_per_prompt` completions of each of `rows` and score them.
+
+    `prompt_ids` of the batch are the dataset rows (repeated K times). With no reward
+    functions every reward is NaN ("not scored"), as it is for a sample every function
+    returned None for. `attrs` go to the shard (plus `prompts_skipped`); keep timings out
+    of them so equal rollouts give equal bytes.
+    """
+    tokenizer = engine.tokenizer
+    rows = np.asarray(rows, np.int64)
+    kept, token_ids, skipped = filter_prompts(render(tokenizer, prompts, rows),
+                                              max_prompt_tokens, truncation)
+    rows = rows[kept]
+    k = params.samples_per_prompt
+    prompt_ids = np.repeat(rows, k)  # [N], the samples of a prompt adjacent
+    expanded = [ids for ids in token_ids for _ in range(k)]
+    out = engine.generate(expanded, params, seed)
+    reward_start = time.perf_counter()
+    texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+    columns = {name: [v for v in values for _ in range(k)]
+               for name, values in prompts.column_values(rows).items()}
+    total, per_function = rewards.score(
+        [prompts.prompt(int(i)) for i in prompt_ids], texts, out.token_ids, columns,
+        conversational=prompts.is_conversational, trainer_state=trainer_state)
+    if not rewards.functions:
+        total = np.full(len(prompt_ids), np.nan, np.float32)
+    time_reward = time.perf_counter() - reward_start
+    names = tuple(rewards.names)
+    values = (np.stack([per_function[n] for n in names], axis=1) if len(prompt_ids) and names
+              else np.zeros((len(prompt_ids), len(names)), np.float32))
+    batch = RolloutBatch(
+        step=step, policy_version=policy_version, generator_rank=generator_rank,
+        prompt_ids=prompt_ids,
+        prompt_tokens=Ragged.from_list(expanded, np.int32),
+        completion_tokens=Ragged.from_list(out.token_ids, np.int32),
+        logprobs=Ragged.from_list(out.logprobs, np.float32),
+        rewards=np.asarray(total, np.float32), seeds=np.full(len(prompt_ids), seed, np.int64),
+        finished=np.asarray(out.finished, bool),
+        attrs={**(attrs or {}), "prompts_skipped": skipped},
+        reward_names=names, reward_values=values.astype(np.float32))
+    return ScoredRollouts(batch, time_reward, skipped)
