@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
@@ -27,6 +28,11 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         base = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text (byte {err.start}: "
+                          f"{err.reason})") from None
+    if not isinstance(base, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got a list")
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. trainer.lr=1e-5)")
@@ -47,10 +53,31 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a plain dict (already merged) into a `Config`."""
+    nul = _nul_keys(data)
+    if nul:  # no path, argv word, environment value or file name can hold one
+        raise ConfigError("\n".join([f"{source}: {len(nul)} invalid value(s)", *[
+            f"  {key}: NUL bytes are not allowed in config values" for key in nul]]))
     try:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, data, source)) from None
+
+
+def _nul_keys(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value (or key) holds a NUL byte."""
+    if isinstance(node, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), k, v) for k, v in node.items()]
+    elif isinstance(node, list):
+        items = [(f"{prefix}[{i}]", None, v) for i, v in enumerate(node)]
+    else:
+        return [prefix] if isinstance(node, str) and "\0" in node else []
+    found = []
+    for key, raw_key, value in items:
+        if isinstance(raw_key, str) and "\0" in raw_key:
+            found.append(key)
+        else:
+            found += _nul_keys(value, key)
+    return found
 
 
 def _describe(err: ValidationError, data: dict[str, Any], source: str) -> str:
@@ -109,6 +136,19 @@ def _field_help(loc: list[str]) -> str:
     return (field.description or "") if field is not None else ""
 
 
+def _escape_interpolation(node: Any) -> Any:
+    """Values as OmegaConf must read them back: a literal `${` is written `\\${` (and the
+    backslashes right before it doubled), else `load_config` would resolve it again."""
+    if isinstance(node, dict):
+        return {key: _escape_interpolation(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_escape_interpolation(value) for value in node]
+    if isinstance(node, str) and "${" in node:
+        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", node)
+    return node
+
+
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, exactly what ran (written to RUN_DIR/config.yaml)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, exactly what ran (written to RUN_DIR/config.yaml);
+    `load_config` reads it back equal."""
+    return yaml.safe_dump(_escape_interpolation(cfg.model_dump(mode="json")), sort_keys=False)

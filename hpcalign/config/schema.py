@@ -26,6 +26,18 @@ class ModelInit(Section):
     tie_embeddings: bool = Field(True, description="Share input embedding and output head.")
     seed: int = Field(0, description="Seed of the random initialisation.")
 
+    @model_validator(mode="after")
+    def _shapes_divide(self) -> ModelInit:
+        """The rules models/tiny.py builds by, checked when the config is read."""
+        if self.hidden % self.heads:
+            raise ValueError(f"model.init.hidden={self.hidden} must be a multiple of heads "
+                             f"(model.init.heads={self.heads})")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model.init.kv_heads={self.kv_heads} must divide "
+                             f"model.init.heads={self.heads} (each key/value head serves a "
+                             f"whole group of query heads)")
+        return self
+
 
 class ModelConfig(Section):
     """The policy (and frozen reference) as an HF-format causal LM directory."""
@@ -219,6 +231,11 @@ class Config(Section):
         if self.data.train is None:
             if self.task is None:
                 self.task = TaskConfig()
+            from hpcalign.data.tasks import TASKS  # the registry (imports this module: lazily)
+
+            if self.task.name != "jsonl" and self.task.name not in TASKS:
+                raise ValueError(f"task.name={self.task.name!r} is not one of: "
+                                 f"{', '.join([*TASKS, 'jsonl'])}")
             if self.data.eval is not None:
                 raise ValueError(f"data.eval={self.data.eval!r} needs data.train (a built-in "
                                  "task holds its eval prompts out itself: task.eval_prompts)")

@@ -225,9 +225,16 @@ def submitit_folder(run_dir: str) -> str:
 
 
 def insert_het_components(text: str, lines: list[str]) -> str:
-    """Put further het components right after the last `#SBATCH` line of component 0."""
+    """Put further het components right after the last `#SBATCH` line of component 0.
+
+    Only the header counts (what sbatch reads: up to the first line that is neither blank
+    nor a comment): a setup line, or a quoted value, may hold a row starting `#SBATCH `.
+    """
     rows = text.split("\n")
-    last = max(i for i, row in enumerate(rows) if row.startswith("#SBATCH "))
+    first = next(i for i, row in enumerate(rows) if row.startswith("#SBATCH "))
+    last = first
+    while last + 1 < len(rows) and rows[last + 1].startswith("#SBATCH "):
+        last += 1
     return "\n".join(rows[: last + 1] + lines + rows[last + 1 :])
 
 

@@ -235,3 +235,115 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
     assert proc.stdout.startswith("#!/bin/bash")
     assert "#SBATCH hetjob" in proc.stdout and f"HPCALIGN_RUN_DIR={run_dir}" in proc.stdout
     assert not run_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- every field, hostile
+# Every config field that reaches the sbatch text or a shell line, each with its own hostile
+# value (the field's name in it, so a value that lands in the wrong place shows). A new
+# string field of slurm.* must be added here: test_every_text_field_has_a_hostile_case.
+HOSTILE = "$(touch PWNED) `touch PWNED` 'q' \"dq\" ; & | * ? ~ ! \\ ünï ✓ \t%j"
+HEADER_FIELDS = ("partition", "account", "qos", "constraint", "reservation")
+HOSTILE_PYTHON_DIR = "py thon's $(touch PWNED)"
+
+
+def hostile(name: str) -> str:
+    return f"{name}: {HOSTILE}"
+
+
+def every_field_config(run_dir: str, python: str) -> Config:
+    changes: dict[str, object] = {
+        "run_dir": run_dir, "slurm__python": python, "slurm__job_name": hostile("job_name"),
+        "slurm__env": {"HOSTILE_ENV": hostile("env")},
+        # shell code by design: each prints a hostile value, quoted, then a `#SBATCH` row
+        "slurm__setup": [f'printf %s {shlex.quote(hostile("setup"))} > "$STUB_OUT/setup"',
+                         "#SBATCH --qos=from-setup"],
+    }
+    for comp in ("train", "gen"):
+        for field in HEADER_FIELDS:
+            changes[f"slurm__{comp}__{field}"] = hostile(f"{comp}.{field}")
+        changes[f"slurm__{comp}__sbatch_args"] = {"comment": hostile(f"{comp}.comment")}
+        changes[f"slurm__{comp}__srun_args"] = [hostile(f"{comp}.srun_args"), "--export=ALL"]
+        changes[f"slurm__{comp}__setup"] = [
+            f'printf %s {shlex.quote(hostile(f"{comp}.setup"))} > "$STUB_OUT/{comp}-setup"',
+            "#SBATCH --partition=from-setup"]
+    return quickstart(**changes)
+
+
+def test_every_text_field_has_a_hostile_case() -> None:
+    """Guard: a new str/list/dict field of slurm or a component needs a case above."""
+    from hpcalign.config.slurm import Component, SlurmConfig
+
+    covered = set(HEADER_FIELDS) | {"sbatch_args", "srun_args", "setup"}
+    for model, done in ((Component, covered), (SlurmConfig, {"job_name", "setup", "env",
+                                                             "python", "train", "gen"})):
+        for name, field in model.model_fields.items():
+            if field.annotation not in (int, float, bool):
+                assert name in done, f"{model.__name__}.{name} has no hostile-value case"
+
+
+def test_every_field_golden() -> None:
+    python = f"/opt/{HOSTILE_PYTHON_DIR}/python"
+    cfg = every_field_config(WEIRD_RUN_DIR, python)
+    assert_golden("hetjob-every-field.sbatch", hetjob_sbatch_text(cfg, WEIRD_RUN_DIR, python))
+
+
+def test_every_field_header_is_one_word_per_line_with_its_value() -> None:
+    cfg = every_field_config(WEIRD_RUN_DIR, PYTHON)
+    text = hetjob_sbatch_text(cfg, WEIRD_RUN_DIR, PYTHON)
+    components: list[dict[str, list[str]]] = [{}]
+    for row in text.split("\n"):  # sbatch reads up to the first non-comment line
+        if row.strip() and not row.startswith("#"):
+            break
+        if row.startswith("#SBATCH "):
+            words = shlex.split(row[len("#SBATCH "):])
+            assert len(words) == 1, row
+            if words[0] == "hetjob":
+                components.append({})
+                continue
+            key, _, value = words[0].partition("=")
+            components[-1].setdefault(key, []).append(value)
+    assert len(components) == 2  # the setup lines' `#SBATCH` rows moved nothing
+    for index, comp in enumerate(("train", "gen")):
+        for field in (*HEADER_FIELDS, "comment"):
+            assert components[index][f"--{field}"] == [hostile(f"{comp}.{field}")], field
+    assert components[0]["--job-name"] == [hostile("job_name")]
+
+
+def test_every_field_reaches_bash_intact(weird_tmp_path: Path, tmp_path: Path) -> None:
+    run_dir = str(weird_tmp_path / "run")
+    python_dir = weird_tmp_path / HOSTILE_PYTHON_DIR
+    python_dir.mkdir()
+    python = python_dir / "python"
+    python.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$STUB_OUT/python-$3"\n')
+    python.chmod(0o755)
+    cfg = every_field_config(run_dir, str(python))
+    script = tmp_path / "job.sbatch"
+    script.write_text(hetjob_sbatch_text(cfg, run_dir, str(python)))
+    stub = ('srun() { printf "%s\\0" "$@" > "$STUB_OUT/srun-argv"; '
+            'printf "%s" "$HOSTILE_ENV" > "$STUB_OUT/env"; }; export -f srun; exec bash "$1"')
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", "STUB_OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "-c", stub, "_", str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "srun-argv").read_text().split("\0")[:-1]
+    logs = f"{run_dir}/logs"
+
+    def component(comp: str, role: str) -> list[str]:
+        setup = "\n".join(getattr(cfg.slurm, comp).setup) + '\nexec "$@"'
+        return [f"--output={logs}/slurm-7.0-{role}-%t.out", hostile(f"{comp}.srun_args"),
+                "--export=ALL", "bash", "-c", setup, f"{role}-setup", str(python), "-u", "-m",
+                "hpcalign.roles.main", "--role", role, run_dir]
+
+    trainer, generator = component("train", "trainer"), component("gen", "generator")
+    assert argv == ["--mpi=pmix", "--kill-on-bad-exit=1", *trainer, ":", *generator]
+    assert (tmp_path / "env").read_text() == hostile("env")
+    assert (tmp_path / "setup").read_text() == hostile("setup")  # slurm.setup, in the batch shell
+    assert (tmp_path / "python-after-step").read_text().split("\0")[:-1] == [
+        "-m", "hpcalign.launch.slurm_job", "after-step", "--rc", "0", run_dir]
+    for comp, rank in (("train", trainer), ("gen", generator)):  # what srun would start
+        done = subprocess.run(rank[3:], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / f"{comp}-setup").read_text() == hostile(f"{comp}.setup")
+    for where in (tmp_path, weird_tmp_path, Path.cwd()):
+        assert not (where / "PWNED").exists(), f"a config value was executed (in {where})"
