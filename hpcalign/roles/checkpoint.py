@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from hpcalign import faults
 from hpcalign.durable import fsync_dir, fsync_tree
+from hpcalign.errors import storage_errno
 from hpcalign.launch.rundir import checkpoint_dir, list_checkpoints
 
 __all__ = ["checkpoint_dir", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
@@ -88,14 +89,21 @@ def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None],
     final = checkpoint_dir(run_dir, step)
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp, mode=0o700)
-    save_model(os.path.join(tmp, "model"))
-    save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"),
-                    os.path.join(tmp, "optimizer.json"))
-    save_file({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as handle:
-        json.dump({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, handle, indent=2)
-    fsync_tree(tmp)
+    try:
+        os.makedirs(tmp, mode=0o700)
+        save_model(os.path.join(tmp, "model"))
+        save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"),
+                        os.path.join(tmp, "optimizer.json"))
+        save_file({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as handle:
+            json.dump({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, handle, indent=2)
+        fsync_tree(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never left half-written (and frees the space)
+        found = storage_errno(err)  # safetensors names neither the file nor an OSError
+        if found is not None:
+            raise OSError(found[0], os.strerror(found[0]), found[1] or tmp) from err
+        raise
     faults.maybe_fire("checkpoint-write", step=step)
     if os.path.exists(final):  # a re-run of the same step after a crash: replace it
         shutil.rmtree(final)

@@ -22,6 +22,7 @@ import traceback
 
 from hpcalign import faults
 from hpcalign.durable import atomic_write_text, keep_private
+from hpcalign.errors import storage_failure
 
 
 def _setup_logging(run_dir: str, rank: int) -> None:
@@ -31,6 +32,19 @@ def _setup_logging(run_dir: str, rank: int) -> None:
         level=logging.INFO,
         format="%(asctime)s rank" + str(rank) + " %(name)s %(levelname)s %(message)s",
     )
+    # NOTE: a log line that cannot be written (RUN_DIR full or read-only) is dropped; by
+    # default logging dumps "--- Logging error ---" with a traceback (and the message: the
+    # failure's own traceback) onto stderr, above the rank's one-line error
+    logging.raiseExceptions = False
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_unraisable(unraisable) -> None:
+    """An exception Python cannot raise (h5py's `__dealloc__` on a full disk) goes to the
+    rank's log, not as a traceback onto stderr above the rank's one-line error."""
+    logging.getLogger(__name__).warning("exception ignored in %r: %s: %s", unraisable.object,
+                                        type(unraisable.exc_value).__name__,
+                                        unraisable.exc_value)
 
 
 PEER_FAILURE_GRACE_S = 3.0
@@ -45,8 +59,10 @@ def _peer_failure(err: BaseException) -> bool:
 
 
 def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> None:
+    storage = storage_failure(err, run_dir)  # a full or read-only disk, however the library words it
     record = {"rank": rank, "role": who, "host": socket.gethostname(),
-              "error": f"{type(err).__name__}: {err}", "time": time.time(),
+              "error": f"write failed: {storage}" if storage else f"{type(err).__name__}: {err}",
+              "time": time.time(),
               # a peer's death seen from here: the launcher prefers direct evidence
               "secondary": _peer_failure(err),
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
