@@ -50,6 +50,10 @@ class ModelConfig(Section):
     autocast: Literal["none", "bf16"] = Field(
         "none", description="bf16: forward passes under torch.autocast(bfloat16); weights, "
         "optimizer state, log-probs and losses stay float32 (models/precision.py).")
+    compile: bool = Field(
+        False, description="torch.compile the decoder body of the training engines (policy "
+        "and reference forward/backward, dynamic shapes): faster steps after a one-off "
+        "compile of about a minute on CPU; log-probs within 1e-5 of eager in float32.")
 
 
 class TaskConfig(Section):

@@ -26,7 +26,7 @@ from hpcalign.config.schema import Config
 from hpcalign.engines.base import LossFn, OptimizerSpec, TrainStepResult
 from hpcalign.engines.torch_generation import TorchGenerationEngine
 from hpcalign.models.hf import eos_token_ids, load_model, padding_id, save_model
-from hpcalign.models.logprobs import pack_sequences, token_logprobs
+from hpcalign.models.logprobs import compiled_body, pack_sequences, token_logprobs
 from hpcalign.models.precision import autocast
 from hpcalign.roles.checkpoint import load_checkpoint, save_checkpoint
 
@@ -36,8 +36,11 @@ class TorchTrainingEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str, *,
                  autocast_mode: str = "none", optimizer: OptimizerSpec | None = None,
-                 dp_group: dist.ProcessGroup | None = None, dp_size: int = 1) -> None:
+                 dp_group: dist.ProcessGroup | None = None, dp_size: int = 1,
+                 compile_model: bool = False) -> None:
         self.model = model
+        # model.compile: the decoder body compiled (compiles on first use); None = eager
+        self.body = compiled_body(model) if compile_model else None
         self.tokenizer = tokenizer
         self.model_dir = model_dir  # where the tokenizer and config files are copied from
         self.autocast_mode = autocast_mode
@@ -67,7 +70,8 @@ class TorchTrainingEngine:
         model, tokenizer = load_model(model_dir, cfg.model.dtype)
         model.to(device)
         return cls(model, tokenizer, model_dir, autocast_mode=cfg.model.autocast,
-                   optimizer=optimizer, dp_group=dp_group, dp_size=dp_size)
+                   optimizer=optimizer, dp_group=dp_group, dp_size=dp_size,
+                   compile_model=cfg.model.compile)
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +89,8 @@ class TorchTrainingEngine:
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logp, entropy) [B, T] float32 without gradients (reference / old log-probs)."""
         with autocast(self.model, self.autocast_mode):
-            return token_logprobs(self.model, batch, temperature, with_entropy=with_entropy)
+            return token_logprobs(self.model, batch, temperature, with_entropy=with_entropy,
+                                  body=self.body)
 
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]], loss_fn: LossFn, *,
                    temperature: float, with_entropy: bool = False,
@@ -102,7 +107,7 @@ class TorchTrainingEngine:
         for index, batch in enumerate(micro_batches):
             with autocast(self.model, self.autocast_mode):
                 logp, entropy = token_logprobs(self.model, batch, temperature,
-                                               with_entropy=with_entropy)
+                                               with_entropy=with_entropy, body=self.body)
             loss, metrics = loss_fn(index, batch, logp, entropy)
             loss.backward()
             if after_backward is not None:

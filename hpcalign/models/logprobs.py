@@ -89,18 +89,20 @@ def token_logprobs(
     batch: dict[str, torch.Tensor],
     temperature: float = 1.0,
     with_entropy: bool = False,
+    body: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logp` [B, T] of each token given the tokens before it; `entropy` [B, T] if asked.
 
     Both are float32 and 0 at position 0 and wherever `completion_mask` is 0. Gradients flow
-    when called outside `torch.no_grad()`.
+    when called outside `torch.no_grad()`. `body` replaces the model's decoder body (the
+    same module compiled: `compiled_body`) where the body / head split applies.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     split = _body_and_head(model)
     if split is None:
         return _full_logits(model, batch, temperature, with_entropy)
-    body, head = split
+    body, head = (split[0] if body is None else body), split[1]
     input_ids = batch["input_ids"]
     # Right padding: positions 0..len-1 are the real tokens, so the default position ids
     # (0, 1, 2, ...) are correct for every row.
@@ -117,6 +119,19 @@ def token_logprobs(
     logp = zeros.index_put((rows, cols), logp_sel)
     entropy = zeros.index_put((rows, cols), entropy_sel) if with_entropy else None
     return logp, entropy
+
+
+def compiled_body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """`torch.compile` of the model's decoder body (dynamic shapes: batches differ in
+    length), for `token_logprobs(..., body=)`; None where the split does not apply (those
+    models keep the eager full-logits path). Parameters stay the model's own: weight sync,
+    checkpoints and the optimizer see the same tensors.
+
+    NOTE: only the body. The chunked head is a custom autograd function over gathered rows
+    (its own matmuls dominate), and sampling is not compiled: a KV cache that grows every
+    token compiled to 1.04x of eager on the benchmark shape (docs/benchmarks.md)."""
+    split = _body_and_head(model)
+    return None if split is None else torch.compile(split[0], dynamic=True)
 
 
 def _chunk_rows(vocab: int) -> int:

@@ -12,11 +12,21 @@ process with plain PyTorch and HF model code at the same shape and thread count:
 64 x 32 tokens with a KV cache (a bare loop, not hpcalign's sampler), one reference
 forward, one forward + backward + AdamW step. floor_s = their sum.
 
-    python tools/bench/grpo_throughput.py                 # on-policy and overlap
-    python tools/bench/grpo_throughput.py --steps 40 --staleness 0
-    python tools/bench/grpo_throughput.py --autocast bf16   # the bf16 figure, separately
+Peer, in the same run: TRL 1.16's GRPOTrainer at the same shape, model, prompts and
+batch (tools/bench/trl_peer.py; EOS suppressed with `min_new_tokens`, KL 0.04, one
+optimizer step per generation batch, float32, same threads), run from a venv of its own
+that the bench makes on first use (`tools/bench/.venv-trl`: TRL is never a runtime
+dependency). `--model DIR` runs all three (floor, hpcalign, TRL) on a user's HF model
+instead, hpcalign through configs/grpo-hf.yaml with a JSONL of "reverse" prompts and the
+built-in `partial_match` reward (TRL gets the same function, restated).
 
-Prints ONE JSON line. Target: samples_per_s >= 0.9 x floor_samples_per_s.
+    python tools/bench/grpo_throughput.py                 # on-policy and overlap, + TRL
+    python tools/bench/grpo_throughput.py --steps 40 --staleness 0
+    python tools/bench/grpo_throughput.py --model DIR --staleness 0
+    python tools/bench/grpo_throughput.py --autocast bf16 --no-trl   # the bf16 figure
+
+Prints ONE JSON line. Targets: samples_per_s >= 0.9 x floor_samples_per_s, and
+>= 1.25 x TRL's samples_per_s.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -39,6 +50,8 @@ from hpcalign.models.precision import autocast
 from hpcalign.models.tiny import build_model
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TRL_VENV = os.path.join(ROOT, "tools", "bench", ".venv-trl")
+TRL_VERSION = "1.16.0"
 SHAPE = ModelInit(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024,
                   tie_embeddings=True, seed=0)
 BATCH, NEW_TOKENS, PROMPT_TOKENS, VOCAB = 64, 32, 8, 44
@@ -54,15 +67,29 @@ def _median(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def compute_floor(threads: int, repeat: int, precision: str = "none") -> dict:
+def _models(model_dir: str | None) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """(policy, frozen reference, vocabulary size): the benchmark shape, or a user's model."""
+    if model_dir is None:
+        return (build_model(SHAPE, vocab_size=VOCAB),
+                build_model(SHAPE, vocab_size=VOCAB).requires_grad_(False), VOCAB)
+    from transformers import AutoModelForCausalLM
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    policy = load()
+    return policy, load().requires_grad_(False), policy.config.vocab_size
+
+
+def compute_floor(threads: int, repeat: int, precision: str = "none",
+                  model_dir: str | None = None) -> dict:
     """The floor; with precision "bf16" every forward runs under bf16 autocast (as
     `model.autocast: bf16` does in hpcalign), backward and AdamW outside it."""
     torch.set_num_threads(threads)
-    model = build_model(SHAPE, vocab_size=VOCAB)
-    reference = build_model(SHAPE, vocab_size=VOCAB).requires_grad_(False)
+    model, reference, vocab = _models(model_dir)
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(4, VOCAB, (BATCH, PROMPT_TOKENS), generator=gen)
-    full = torch.randint(4, VOCAB, (BATCH, PROMPT_TOKENS + NEW_TOKENS), generator=gen)
+    prompts = torch.randint(4, vocab, (BATCH, PROMPT_TOKENS), generator=gen)
+    full = torch.randint(4, vocab, (BATCH, PROMPT_TOKENS + NEW_TOKENS), generator=gen)
 
     @torch.no_grad()
     def sample() -> None:
@@ -90,19 +117,38 @@ def compute_floor(threads: int, repeat: int, precision: str = "none") -> dict:
     return {k: round(v, 4) for k, v in parts.items()}
 
 
+def write_prompts(path: str, count: int = 512) -> str:
+    """"reverse" prompts as a TRL dataset (prompt + answer), for `--model` and for TRL."""
+    rng = random.Random(0)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+            handle.write(json.dumps({"prompt": word + "=", "answer": word[::-1]}) + "\n")
+    return path
+
+
 def framework(staleness: int, steps: int, warmup: int, workdir: str,
-              precision: str = "none") -> dict:
-    run_dir = os.path.join(workdir, f"staleness-{staleness}-{precision}")
-    argv = [sys.executable, "-m", "hpcalign.cli", "run", os.path.join(ROOT, "configs", "quickstart.yaml"),
-            f"run_dir={run_dir}", f"model.path={workdir}/model",
-            f"model.init.hidden={SHAPE.hidden}", f"model.init.layers={SHAPE.layers}",
-            f"model.init.heads={SHAPE.heads}", f"model.init.kv_heads={SHAPE.kv_heads}",
-            f"model.init.intermediate={SHAPE.intermediate}", "generator.prompts_per_step=16",
+              precision: str = "none", model_dir: str | None = None,
+              compile_model: bool = False) -> dict:
+    run_dir = os.path.join(workdir, f"staleness-{staleness}-{precision}-{int(compile_model)}")
+    if model_dir is None:  # the quickstart's task on the benchmark shape, built by init
+        model_args = [os.path.join(ROOT, "configs", "quickstart.yaml"),
+                      f"model.path={workdir}/model",
+                      f"model.init.hidden={SHAPE.hidden}", f"model.init.layers={SHAPE.layers}",
+                      f"model.init.heads={SHAPE.heads}", f"model.init.kv_heads={SHAPE.kv_heads}",
+                      f"model.init.intermediate={SHAPE.intermediate}"]
+    else:  # a user's model: their config, a dataset and a TRL reward function
+        model_args = [os.path.join(ROOT, "configs", "grpo-hf.yaml"), f"model.path={model_dir}",
+                      f"data.train={os.path.join(workdir, 'prompts.jsonl')}",
+                      "reward.functions=[hpcalign.rewards.builtin:partial_match]",
+                      "trainer.micro_batch=0", "comm.timeout_s=600"]
+    argv = [sys.executable, "-m", "hpcalign.cli", "run", *model_args,
+            f"run_dir={run_dir}", "generator.prompts_per_step=16",
             "generator.samples_per_prompt=4", f"generator.max_new_tokens={NEW_TOKENS}",
             "generator.ignore_eos=true", "trainer.kl_coef=0.04", "trainer.sft_warmup_steps=0",
             f"trainer.steps={steps}", "checkpoint.every_steps=0", "log.progress=false",
-            "log.eval_every_steps=0", f"sync.max_staleness={staleness}",
-            f"model.autocast={precision}"]
+            "log.eval_every_steps=0", "log.tensorboard=true", f"sync.max_staleness={staleness}",
+            f"model.autocast={precision}", f"model.compile={str(compile_model).lower()}"]
     subprocess.run(argv, check=True, cwd=ROOT, capture_output=True, timeout=1800)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steady = rows[warmup:]
@@ -112,6 +158,31 @@ def framework(staleness: int, steps: int, warmup: int, workdir: str,
     return {"step_s": round(step_s, 4), "samples_per_s": round(BATCH / step_s, 2), **phases}
 
 
+def trl_python() -> str:
+    """The TRL venv's python, made on first use with this torch and transformers."""
+    python = os.path.join(TRL_VENV, "bin", "python")
+    if not os.path.exists(os.path.join(TRL_VENV, ".installed")):
+        import transformers
+
+        subprocess.run([sys.executable, "-m", "venv", TRL_VENV], check=True)
+        pins = [f"torch=={torch.__version__}", f"transformers=={transformers.__version__}",
+                f"trl=={TRL_VERSION}"]
+        subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
+        open(os.path.join(TRL_VENV, ".installed"), "w").close()
+    return python
+
+
+def trl_peer(model_dir: str, prompts: str, steps: int, warmup: int, threads: int,
+             workdir: str) -> dict:
+    argv = [trl_python(), os.path.join(ROOT, "tools", "bench", "trl_peer.py"),
+            "--model", model_dir, "--prompts", prompts, "--out", os.path.join(workdir, "trl"),
+            "--prompts-per-step", "16", "--samples-per-prompt", "4",
+            "--new-tokens", str(NEW_TOKENS), "--kl", "0.04", "--steps", str(steps),
+            "--warmup", str(warmup), "--threads", str(threads)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -119,6 +190,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--staleness", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a user's HF model directory instead of the benchmark shape")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL peer")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="both",
+                        help="model.compile for hpcalign's runs (both: eager and compiled, "
+                             "side by side; compiled results as staleness_<s>_compiled)")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
                         help="bf16: floor and runs under bf16 autocast (a separate figure: "
                              "never mix it with the float32 one)")
@@ -126,16 +203,28 @@ def main() -> None:
     result: dict = {"bench": "grpo_throughput", "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "batch": BATCH, "new_tokens": NEW_TOKENS, "autocast": args.autocast,
-                    "params_m": round(sum(p.numel() for p in build_model(SHAPE, VOCAB).parameters()) / 1e6, 2)}
-    floor = compute_floor(args.threads, args.repeat, args.autocast)
+                    "model": args.model or "benchmark shape (init-model)",
+                    "params_m": round(sum(p.numel() for p in _models(args.model)[0].parameters()) / 1e6, 2)}
+    floor = compute_floor(args.threads, args.repeat, args.autocast, args.model)
     result["floor"] = floor
     result["floor_samples_per_s"] = round(BATCH / floor["floor_s"], 2)
     with tempfile.TemporaryDirectory() as workdir:
+        prompts = write_prompts(os.path.join(workdir, "prompts.jsonl"))
+        variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         for staleness in args.staleness:
-            run = framework(staleness, args.steps, args.warmup, workdir, args.autocast)
-            run["ratio_to_floor"] = round(run["samples_per_s"] / result["floor_samples_per_s"], 3)
-            result[f"staleness_{staleness}"] = run
-    after = compute_floor(args.threads, args.repeat, args.autocast)  # the machine may have changed meanwhile
+            for compiled in variants:
+                run = framework(staleness, args.steps, args.warmup, workdir, args.autocast,
+                                args.model, compiled)
+                run["ratio_to_floor"] = round(run["samples_per_s"] / result["floor_samples_per_s"], 3)
+                result[f"staleness_{staleness}" + ("_compiled" if compiled else "")] = run
+        if not args.no_trl:
+            peer = trl_peer(args.model or os.path.join(workdir, "model"), prompts, args.steps,
+                            args.warmup, args.threads, workdir)
+            result["trl"] = peer
+            for key, run in list(result.items()):
+                if key.startswith("staleness_"):
+                    run["ratio_to_trl"] = round(run["samples_per_s"] / peer["samples_per_s"], 3)
+    after = compute_floor(args.threads, args.repeat, args.autocast, args.model)  # the machine may have changed meanwhile
     result["floor_after_s"] = after["floor_s"]
     print(json.dumps(result))
 
