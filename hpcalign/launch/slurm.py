@@ -16,6 +16,8 @@ never waited on.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -249,7 +251,10 @@ def _submit_claimed(cfg: Config, run_dir: str, python: str) -> str:
     make_private_dir(submitit_folder(run_dir))
     try:
         executor = HetSlurmExecutor(cfg, run_dir, python)
-        job = executor.submit_run()
+        # NOTE: submitit prints a failed sbatch's stderr itself; the UserError below carries
+        # it, so the user gets one line ("sbatch refused the job: ..."), not the same twice.
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit_run()
     except submitit_utils.FailedJobError as err:
         raise UserError(f"sbatch refused the job: {str(err).strip() or err.__cause__}") from None
     except (RuntimeError, FileNotFoundError) as err:  # no srun/sbatch: not a Slurm login node
@@ -276,8 +281,10 @@ def _squeue_rows(job_id: str) -> list[dict[str, str]]:
 def _restarts(job_id: str) -> int | None:
     try:
         out = run_slurm(["scontrol", "-o", "show", "job", job_id])
-    except UserError:
-        return None  # finished long ago: the controller forgot it
+    except UserError as err:
+        if "Invalid job id" in str(err):
+            return None  # finished long ago: the controller forgot it
+        raise  # no controller (sacct answers from slurmdbd): status says so
     match = re.search(r"\bRestarts=(\d+)", out)
     return int(match.group(1)) if match else None
 
@@ -331,7 +338,10 @@ def slurm_status(run_dir: str) -> dict[str, Any] | None:
         status["state"] = fold_het_states([r["State"] for r in sorted(rows,
                                                                       key=lambda r: r["JobID"])])
     if status["state"] in _UNFINISHED:
-        status["restarts"] = _restarts(job_id)
+        try:
+            status["restarts"] = _restarts(job_id)
+        except UserError as err:
+            status["slurm_error"] = str(err)
     outcome = last_outcome(run_dir)
     if outcome:
         status["last_attempt"] = outcome
