@@ -154,7 +154,8 @@ def framework(staleness: int, steps: int, warmup: int, workdir: str,
     steady = rows[warmup:]
     step_s = statistics.median(r["time_step_s"] for r in steady)
     phases = {k: round(statistics.median(r[k] for r in steady), 4)
-              for k in ("time_generate_s", "time_wait_s", "time_train_s", "time_sync_s")}
+              for k in ("time_generate_s", "time_sample_s", "time_reward_s", "time_wait_s",
+                        "time_train_s", "time_sync_s")}
     return {"step_s": round(step_s, 4), "samples_per_s": round(BATCH / step_s, 2), **phases}
 
 
