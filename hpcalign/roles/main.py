@@ -37,6 +37,19 @@ def _setup_logging(run_dir: str, rank: int) -> None:
     # failure's own traceback) onto stderr, above the rank's one-line error
     logging.raiseExceptions = False
     sys.unraisablehook = _log_unraisable
+    # NOTE: Cython reports an error in a `__dealloc__` through sys.excepthook, not the
+    # unraisable hook: h5py's handles of a shard whose write hit a full disk print a
+    # traceback when they are freed (on another rank than the one that failed first, too).
+    # Everything a rank runs after this is inside run()'s try, which prints its one line:
+    # what reaches the hook is such cleanup noise, for the rank log. torch.distributed
+    # wraps this hook with a "[rankN]:" prefix and prints what it writes: nothing.
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(exc_type, exc_value, exc_traceback) -> None:
+    logging.getLogger(__name__).warning(
+        "uncaught %s: %s", exc_type.__name__, exc_value,
+        exc_info=(exc_type, exc_value, exc_traceback))
 
 
 def _log_unraisable(unraisable) -> None:
