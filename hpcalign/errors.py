@@ -71,5 +71,5 @@ def storage_failure(err: BaseException, where: str | None = None) -> str | None:
         return None
     errno, path = found
     path = path or where
-    where = f"{path}: " if path else ""
-    return f"{where}{os.strerror(errno)} (errno {errno}): {_STORAGE_ERRNOS[errno]}"
+    prefix = f"{path}: " if path else ""
+    return f"{prefix}{os.strerror(errno)} (errno {errno}): {_STORAGE_ERRNOS[errno]}"

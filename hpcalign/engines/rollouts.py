@@ -32,6 +32,8 @@ class ScoredRollouts:
     """A scored batch, with what the metrics need besides it."""
 
     batch: RolloutBatch
+    texts: list[str]
+    """The completions as the reward functions saw them (decoded, special tokens dropped)."""
     time_reward_s: float
     prompts_skipped: int
     """Rows dropped by `max_prompt_tokens` with truncation "skip" (recorded in the shard)."""
@@ -92,4 +94,4 @@ def sample_and_score(
         finished=np.asarray(out.finished, bool),
         attrs={**(attrs or {}), "prompts_skipped": skipped},
         reward_names=names, reward_values=values.astype(np.float32))
-    return ScoredRollouts(batch, time_reward, skipped)
+    return ScoredRollouts(batch, texts, time_reward, skipped)

@@ -21,17 +21,40 @@ import numpy as np
 
 from hpcalign.comm.control import CONTROL_KINDS, TAG_CONTROL, TAG_SHARD
 from hpcalign.comm.weights import NamedWeightReceiver
+from hpcalign.config.schema import Config, GeneratorConfig
 from hpcalign.data.datasets import indices_for_step
-from hpcalign.data.shards import RolloutBatch, shard_path, write_shard
-from hpcalign.data.sources import load_sources
-from hpcalign.engines import SamplingParams, build_generation_engine
-from hpcalign.engines.rollouts import sample_and_score
+from hpcalign.data.shards import shard_path, write_shard
+from hpcalign.data.sources import Sources, load_sources
+from hpcalign.engines import GenerationEngine, SamplingParams, build_generation_engine
+from hpcalign.engines.rollouts import ScoredRollouts, sample_and_score
 from hpcalign.errors import ProtocolError
 from hpcalign.models.tokenizer import char_symbols
 from hpcalign.rewards import TrainerState
 from hpcalign.roles.context import RoleContext, shard_seed
 
 log = logging.getLogger(__name__)
+
+
+def sampling_params(gen: GeneratorConfig) -> SamplingParams:
+    """The sampling settings of the `generator` section."""
+    return SamplingParams(samples_per_prompt=gen.samples_per_prompt,
+                          max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                          top_p=gen.top_p, top_k=gen.top_k, ignore_eos=gen.ignore_eos)
+
+
+def step_rollouts(engine: GenerationEngine, sources: Sources, cfg: Config, step: int,
+                  generator_index: int, policy_version: int, rows: np.ndarray) -> ScoredRollouts:
+    """Generator `generator_index`'s prompt `rows` of `step`, sampled with `policy_version`
+    and scored: exactly what its shard holds (no I/O, so a replay can call it too)."""
+    state = TrainerState(global_step=step, max_steps=cfg.trainer.steps,
+                         epoch=step * cfg.generator.prompts_per_step / len(sources.train))
+    return sample_and_score(
+        engine, sources.train, sources.rewards, rows, sampling_params(cfg.generator),
+        seed=shard_seed(cfg.seed, step, generator_index), step=step,
+        policy_version=policy_version, generator_rank=generator_index,
+        attrs={"task": sources.name},  # no timings: equal rollouts, equal bytes
+        max_prompt_tokens=cfg.data.max_prompt_tokens, truncation=cfg.data.truncation,
+        trainer_state=state)
 
 
 class Generator:
@@ -48,11 +71,6 @@ class Generator:
         self.receiver = NamedWeightReceiver(self.engine.weight_loader(), src=0,
                                             group=ctx.sync_group, device=self.engine.device)
         self.version = -1
-        gen = self.cfg.generator
-        self.sampling = SamplingParams(samples_per_prompt=gen.samples_per_prompt,
-                                       max_new_tokens=gen.max_new_tokens,
-                                       temperature=gen.temperature, top_p=gen.top_p,
-                                       top_k=gen.top_k, ignore_eos=gen.ignore_eos)
 
     def _next_control(self, what: str, timeout_s: float | None = None) -> dict:
         """The next control message, checked: "sync" (weights follow) or "stop"."""
@@ -90,27 +108,15 @@ class Generator:
         while self._next_control("the end of the run")["kind"] != "stop":
             pass
 
-    def _rollouts(self, step: int, rows: np.ndarray) -> tuple[RolloutBatch, float]:
-        """Sample and score this generator's prompt rows of `step`; (batch, reward seconds)."""
-        cfg, train = self.cfg, self.sources.train
-        state = TrainerState(global_step=step, max_steps=cfg.trainer.steps,
-                             epoch=step * cfg.generator.prompts_per_step / len(train))
-        scored = sample_and_score(
-            self.engine, train, self.sources.rewards, rows, self.sampling,
-            seed=shard_seed(cfg.seed, step, self.index), step=step,
-            policy_version=self.version, generator_rank=self.index,
-            attrs={"task": self.sources.name},  # no timings: equal rollouts, equal bytes
-            max_prompt_tokens=cfg.data.max_prompt_tokens, truncation=cfg.data.truncation,
-            trainer_state=state)
-        return scored.batch, scored.time_reward_s
-
     def _publish(self, step: int) -> None:
         cfg, gen = self.cfg, self.cfg.generator
         start = time.perf_counter()
         per_rank = gen.prompts_per_step // gen.ranks
         indices = indices_for_step(len(self.sources.train), cfg.seed, step, gen.prompts_per_step)
         mine = np.asarray(indices[self.index * per_rank:(self.index + 1) * per_rank], np.int64)
-        batch, time_reward = self._rollouts(step, mine)
+        scored = step_rollouts(self.engine, self.sources, cfg, step, self.index, self.version,
+                               mine)
+        batch, time_reward = scored.batch, scored.time_reward_s
         time_sample = time.perf_counter() - start - time_reward
         info = write_shard(shard_path(self.ctx.run_dir, step, self.index), batch)
         elapsed = time.perf_counter() - start

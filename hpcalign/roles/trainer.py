@@ -35,6 +35,7 @@ from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
 from hpcalign.data.sources import ANSWER, load_sources, render
 from hpcalign.durable import fsync_dir, fsync_tree
 from hpcalign.engines import OptimizerSpec, SamplingParams, build_training_engine
+from hpcalign.engines.rollouts import sample_and_score
 from hpcalign.errors import ProtocolError, ShardError, UserError
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
@@ -286,26 +287,26 @@ class Trainer:
         prompts = self.sources.eval
         if prompts is None:
             return {}
-        kept, token_ids, _ = self._prompt_tokens(self.tokenizer, prompts, range(len(prompts)))
-        if not token_ids:
-            return {}
         if self._eval_engine is None:
             self._eval_engine = self.policy.generation_view()
         greedy = SamplingParams(samples_per_prompt=1,
                                 max_new_tokens=self.cfg.generator.max_new_tokens,
                                 temperature=1.0, top_k=1)
-        out = self._eval_engine.generate(token_ids, greedy, seed=0)
-        texts = self.tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
-        columns = prompts.column_values(kept)
-        total, per_function = self.sources.rewards.score(
-            [prompts.prompt(int(i)) for i in kept], texts, out.token_ids, columns,
-            conversational=prompts.is_conversational,
+        data = self.cfg.data
+        scored = sample_and_score(
+            self._eval_engine, prompts, self.sources.rewards, range(len(prompts)), greedy,
+            seed=0, max_prompt_tokens=data.max_prompt_tokens, truncation=data.truncation,
             trainer_state=TrainerState(global_step=step + 1, max_steps=self.cfg.trainer.steps))
-        scored = total[~np.isnan(total)].astype(np.float64)
-        metrics = {"eval_reward": float(np.mean(scored)) if scored.size else float("nan")}
+        batch = scored.batch
+        if not len(batch):  # every held-out prompt is over data.max_prompt_tokens
+            return {}
+        scores = batch.rewards[~np.isnan(batch.rewards)].astype(np.float64)
+        metrics = {"eval_reward": float(np.mean(scores)) if scores.size else float("nan")}
+        per_function = dict(zip(batch.reward_names, batch.reward_values.T, strict=True))
         metrics.update({f"eval_{k}": v for k, v in self.sources.rewards.metrics(per_function).items()})
         if self.sources.task is not None:  # a built-in task: the answer is exact text
-            metrics["eval_exact"] = float(np.mean([t == a for t, a in zip(texts, columns[ANSWER])]))
+            answers = prompts.column_values(batch.prompt_ids)[ANSWER]
+            metrics["eval_exact"] = float(np.mean([t == a for t, a in zip(scored.texts, answers)]))
         return metrics
 
     # ------------------------------------------------------------ loop
