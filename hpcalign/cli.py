@@ -25,12 +25,16 @@ COMMANDS: dict[str, str] = {
     "init-model": "init_model",
     "plot": "plot",
     "rollout": "rollout",
+    "rescore": "rescore",
+    "export": "export",
+    "convert": "convert",
     "plan": "plan",
     "sweep": "sweep",
     "report": "report",
 }
 # commands that create or write a RUN_DIR (or a rollout directory): their files are private
-RUN_DIR_WRITERS = frozenset({"run", "submit", "rollout", "sweep", "cancel"})
+RUN_DIR_WRITERS = frozenset({"run", "submit", "rollout", "rescore", "export", "convert",
+                             "sweep", "cancel"})
 
 
 def _usage() -> str:

@@ -13,7 +13,8 @@ Points: `startup` (trainer, models loaded, before the first sync), `step` (train
 an update, after backward), `checkpoint-write` (files written, before the rename),
 `after-checkpoint` (checkpoint renamed, before the next step), `before-done` (final
 checkpoint and metrics written, before `state.json` says done), `write:<file name>` (an
-atomic write, temp file complete, before its rename). `@N` restricts a point to step N
+atomic write, temp file complete, before its rename), `rollout-shard` (`hpcalign rollout`,
+shard N of a part written, before the next). `@N` restricts a point to step N
 (for `write:` points: the N-th such write, counted from 1).
 
 Actions: `kill` (default: SIGKILL of this process, as a node failure does) or `pause`

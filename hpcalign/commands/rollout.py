@@ -33,13 +33,28 @@ DEFAULT_REWARD = "hpcalign.rewards.builtin:partial_match"
 def _parser() -> argparse.ArgumentParser:
     defaults = GeneratorConfig()  # a run's sampling defaults; light to import, unlike torch
     parser = argparse.ArgumentParser(prog="hpcalign rollout", description=HELP)
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+    parser.add_argument("--checkpoint", metavar="DIR",
                         help="run checkpoint (RUN_DIR/checkpoints/step-N) or HF model dir")
-    parser.add_argument("--prompts", required=True, metavar="DATASET",
+    parser.add_argument("--prompts", metavar="DATASET",
                         help="JSONL, Parquet or a datasets save_to_disk directory with a "
                              "'prompt' column (a string or chat messages); other columns go "
                              "to the reward functions")
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="shard directory")
+    parser.add_argument("--out", metavar="OUT_DIR", help="shard directory")
+    parser.add_argument("--replay", metavar="RUN_DIR",
+                        help="regenerate the rollouts training step --step of RUN_DIR used and "
+                             "compare them with its stored shards (then --out is optional)")
+    parser.add_argument("--step", type=int, default=None, metavar="K", help="with --replay")
+    parser.add_argument("--workers", type=int, default=1, metavar="W",
+                        help="local processes sharing this task's prompts; the samples are the "
+                             "same for any W (%(default)s)")
+    parser.add_argument("--threads", type=int, default=1, metavar="T",
+                        help="CPU threads per process; on CPU the samples depend on it, so it "
+                             "is a setting of the rollout (recorded): scale with --workers or "
+                             "array tasks instead (%(default)s)")
+    parser.add_argument("--engine", default=None, metavar="NAME",
+                        help="generation engine: torch or vllm (default: torch; with --replay "
+                             "the run's generator.backend)")
+    parser.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-index", type=int, default=None, metavar="I",
                         help="this array task (default: $SLURM_ARRAY_TASK_ID, else 0)")
     parser.add_argument("--num-shards", type=int, default=None, metavar="N",
@@ -124,29 +139,44 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    shard_index, num_shards = _array_position(args.shard_index, args.num_shards)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.replay is not None:
+        return _replay(args)
+    missing = [f"--{name}" for name in ("checkpoint", "prompts", "out")
+               if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} "
+                     "(or --replay RUN_DIR --step K)")
+    task_index, num_tasks = _array_position(args.shard_index, args.num_shards)
+    if args.workers < 1:
+        raise UserError(f"--workers={args.workers} must be >= 1")
+    if args.threads < 1:
+        raise UserError(f"--threads={args.threads} must be >= 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UserError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
     model_dir, policy_version = resolve_checkpoint(args.checkpoint)
+    args.engine = args.engine or "torch"
+    if args.workers > 1 and args.worker_of is None:
+        return _run_workers(argv, args)
+    # part = this task's worker: W workers of task I of N are parts I*W..I*W+W-1 of N*W
+    part = task_index * args.workers + (args.worker_of or 0)
+    parts = num_tasks * args.workers
 
     # torch and transformers only now: a wrong flag or path answers in a blink
     from transformers.utils import logging as hf_logging
 
     from hpcalign.data.datasets import load_prompt_dataset
-    from hpcalign.engines import SamplingParams
+    from hpcalign.engines import SamplingParams, build_generation_engine
     from hpcalign.engines.offline import (
         OfflineRollout,
         prompt_order,
         run_offline_rollout,
         slice_prompts,
     )
-    from hpcalign.engines.torch_generation import TorchGenerationEngine
-    from hpcalign.models.hf import load_model
     from hpcalign.rewards import RewardSet, load_reward_functions
-    from hpcalign.roles.device import role_device
 
     try:
         params = SamplingParams(samples_per_prompt=args.samples_per_prompt,
@@ -158,41 +188,126 @@ def main(argv: list[str]) -> int:
     prompts = load_prompt_dataset(args.prompts)
     specs = args.reward or ([DEFAULT_REWARD] if "answer" in prompts.columns else [])
     rewards = load_reward_functions(specs) if specs else RewardSet([])
-    model, tokenizer = load_model(model_dir, args.dtype)
+    device = _device(args.device)
+    import torch
+
+    torch.set_num_threads(args.threads)
     try:
-        device = role_device(args.device, "--device")
-    except RuntimeError as err:
-        raise UserError(str(err)) from err
-    model.to(device).requires_grad_(False)  # the generator role's placement rule
-    engine = TorchGenerationEngine(model, tokenizer)
-    rows = prompt_order(len(prompts))[slice_prompts(len(prompts), shard_index, num_shards)]
-    _check_spelling(tokenizer, prompts, rows, args.prompts)
+        engine = build_generation_engine(args.engine, model_dir,
+                                         _engine_config(args.out, model_dir, args.dtype),
+                                         device=device)
+    except ValueError as err:  # an unknown engine name
+        raise UserError(f"--engine: {err}") from err
+    rows = prompt_order(len(prompts))[slice_prompts(len(prompts), part, parts)]
+    _check_spelling(engine.tokenizer, prompts, rows, args.prompts)
     attrs: dict[str, str | int | float] = {
         "task": args.task, "checkpoint": os.path.realpath(args.checkpoint),
         "prompts": os.path.realpath(args.prompts),
         "reward": ",".join(args.reward) if args.reward else ("answer" if specs else "none"),
         "dtype": args.dtype, "device": device.type}
+    if device.type == "cpu":  # the CPU kernels' results depend on the thread count
+        attrs["threads"] = args.threads
+    if args.engine != "torch":  # recorded only when not the default: old shards stay valid
+        attrs["engine"] = args.engine
     if args.max_prompt_tokens is not None:  # recorded: another limit is another rollout
         attrs.update(max_prompt_tokens=args.max_prompt_tokens, truncation=args.truncation)
     job = OfflineRollout(
         engine=engine, prompts=prompts, rewards=rewards, params=params, out_dir=args.out,
-        shard_index=shard_index, num_shards=num_shards, batch_size=args.batch_size,
+        shard_index=part, num_shards=parts, batch_size=args.batch_size,
         seed=args.seed, policy_version=policy_version, max_prompt_tokens=args.max_prompt_tokens,
-        truncation=args.truncation, attrs=attrs)
+        truncation=args.truncation, attrs=attrs,
+        manifest=_manifest_record(args, model_dir, policy_version, params, attrs, parts),
+        progress=args.worker_of is None)
     # NOTE: the claim is taken only now, right before the first write into --out: array
     # tasks of one job share it (same SLURM_ARRAY_JOB_ID); a second local rollout or
-    # another job on the same --out is refused.
+    # another job on the same --out is refused. Workers run under their parent's claim.
+    from hpcalign import faults
+    from hpcalign.launch.claim import take_claim
+
+    faults.configure(args.out)  # HPCALIGN_FAULTS=rollout-shard@N: the kill-and-resume tests
+    claim = take_claim(args.out, "rollout") if args.worker_of is None else None
+    try:
+        if claim is not None:
+            claim.start_heartbeat()
+        summary = run_offline_rollout(job)
+    finally:
+        if claim is not None and not os.environ.get("SLURM_ARRAY_JOB_ID"):
+            claim.release()  # an array's other tasks may still run
+    print(summary.line())
+    return 0
+
+
+def _device(name: str):
+    from hpcalign.roles.device import role_device
+
+    try:
+        return role_device(name, "--device")
+    except RuntimeError as err:
+        raise UserError(str(err)) from err
+
+
+def _engine_config(out_dir: str, model_dir: str, dtype: str):
+    """The run config an engine is built from: this model at `dtype`, all else default."""
+    from hpcalign.config.schema import Config, ModelConfig
+
+    return Config(run_dir=out_dir, model=ModelConfig(path=model_dir, dtype=dtype))
+
+
+def _manifest_record(args: argparse.Namespace, model_dir: str, policy_version: int, params,
+                     attrs: dict, parts: int) -> dict:
+    """What every part of the rollout must agree on (data/manifest.py)."""
+    from hpcalign.data.manifest import FORMAT_VERSION, content_hash
+
+    sampling = {**params.as_attrs(), "seed": args.seed, "engine": args.engine,
+                **{k: v for k, v in attrs.items() if k not in ("checkpoint", "prompts")}}
+    return {"format_version": FORMAT_VERSION,
+            "checkpoint": {"path": os.path.realpath(model_dir),
+                           "content_hash": content_hash(model_dir),
+                           "policy_version": policy_version},
+            "prompts": {"path": os.path.realpath(args.prompts),
+                        "content_hash": content_hash(args.prompts)},
+            "sampling": sampling, "parts": parts, "batch_size": args.batch_size}
+
+
+def _run_workers(argv: list[str], args: argparse.Namespace) -> int:
+    """`--workers W`: W local processes, each one part of this task's prompts, under one
+    claim on --out; the manifest is complete when the last one ends."""
+    import subprocess
+    import sys
+
     from hpcalign.launch.claim import take_claim
 
     claim = take_claim(args.out, "rollout")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     try:
         claim.start_heartbeat()
-        summary = run_offline_rollout(job)
+        children = [subprocess.Popen([sys.executable, "-m", "hpcalign.cli", "rollout", *argv,
+                                      "--worker-of", str(w)], env=env)
+                    for w in range(args.workers)]
+        codes = [child.wait() for child in children]
     finally:
-        if not os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array's other tasks may still run
+        if not os.environ.get("SLURM_ARRAY_JOB_ID"):
             claim.release()
-    print(summary.line())
+    failed = [w for w, code in enumerate(codes) if code != 0]
+    if failed:
+        raise UserError(f"rollout worker(s) {', '.join(map(str, failed))} of {args.workers} "
+                        "failed (their error is above); rerun the same command to resume")
     return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    if args.step is None:
+        raise UserError("--replay RUN_DIR needs --step K (the training step to regenerate)")
+    from transformers.utils import logging as hf_logging
+
+    from hpcalign.engines.replay import replay_step
+
+    hf_logging.disable_progress_bar()
+    report = replay_step(args.replay, args.step, device=_device(args.device),
+                         engine_name=args.engine,
+                         out_dir=args.out)
+    print(report.line())
+    return 0 if report.ok else 1
 
 
 def _check_spelling(tokenizer, prompts, rows, prompts_path: str) -> None:

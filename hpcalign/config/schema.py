@@ -180,6 +180,9 @@ class CheckpointConfig(Section):
 
     every_steps: int = Field(50, ge=0, description="Checkpoint period in steps (0: only on signal/end).")
     keep: int = Field(2, ge=1, description="Newest checkpoints to keep.")
+    keep_every_steps: int = Field(
+        0, ge=0, description="Also keep, never pruned, every checkpoint whose step is a multiple "
+        "of this (0: off): the policy versions `hpcalign rollout --replay` can regenerate.")
 
 
 class CommConfig(Section):

@@ -166,9 +166,11 @@ class GenerationEngine(Protocol):
     policy_version: int
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
-                 seed: int) -> GenerationOutput:
+                 seed: int, *, sample_seeds: Sequence[int] | None = None) -> GenerationOutput:
         """One completion per prompt (repeat a prompt for a group); all randomness from
-        `seed`, so equal inputs on equal devices give equal outputs."""
+        `seed`, so equal inputs on equal devices give equal outputs. With `sample_seeds`
+        (one per prompt) each completion draws from its own seed instead, so it does not
+        depend on the other prompts of the call (offline rollouts)."""
         ...
 
     def load_weights(self, named: Iterable[tuple[str, Any]]) -> None:

@@ -1,11 +1,15 @@
 """Offline rollouts: the driver behind `hpcalign rollout` (docs/rollout.md).
 
-Array task `shard_index` of `num_shards` takes one contiguous slice of a fixed shuffle of
-the dataset's rows, samples it in batches of `batch_size` prompts through a generation
-engine and the reward functions (`engines.rollouts.sample_and_score`, the generator
-role's own step) and writes each batch to
-`OUT_DIR/shard-{shard_index:04d}-{batch_index:05d}.h5`. A shard that already exists and
-reads back cleanly is skipped, so a requeued array task only redoes what is missing.
+Part `shard_index` of `num_shards` (an array task, or one of its `--workers`) takes one
+contiguous slice of a fixed shuffle of the dataset's rows, samples it in batches of
+`batch_size` prompts through a generation engine and the reward functions
+(`engines.rollouts.sample_and_score`, the generator role's own step) and writes each
+batch to `OUT_DIR/shard-{shard_index:04d}-{batch_index:05d}.h5`. A shard that already
+exists and reads back cleanly is skipped, so a requeued array task only redoes what is
+missing. Every sample draws from its own seed (`engines.rollouts.sample_seed` of the
+rollout's seed, its prompt row and its index in the group), so the samples are the same
+whatever the number of parts, the batch size or the kills and resumes in between. At its
+end a part records its shards in the manifest (`data/manifest.py`).
 
     job = OfflineRollout(engine=engine, prompts=dataset, rewards=rewards, params=params,
                          out_dir="runs/r1/offline")
@@ -22,7 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from hpcalign.data.shards import RolloutBatch, read_shard, write_shard
+from hpcalign import faults
+from hpcalign.data.manifest import assemble, write_part
+from hpcalign.data.shards import RolloutBatch, read_shard, trusted_checksum, write_shard
 from hpcalign.data.sources import Prompts
 from hpcalign.durable import atomic_write_text
 from hpcalign.engines.base import GenerationEngine, SamplingParams
@@ -30,7 +36,7 @@ from hpcalign.engines.rollouts import sample_and_score
 from hpcalign.errors import ShardError, UserError
 from hpcalign.rewards import RewardSet
 
-__all__ = ["ORDER_SEED", "OfflineRollout", "RolloutSummary", "batch_seed", "offline_shard_path",
+__all__ = ["ORDER_SEED", "OfflineRollout", "RolloutSummary", "offline_shard_path",
            "prompt_order", "run_offline_rollout", "slice_prompts"]
 
 # NOTE: the order's seed is fixed, not the sampling seed: a row keeps its array task and
@@ -59,12 +65,6 @@ def slice_prompts(num_prompts: int, shard_index: int, num_shards: int) -> np.nda
     return np.array_split(np.arange(num_prompts, dtype=np.int64), num_shards)[shard_index]
 
 
-def batch_seed(seed: int, shard_index: int, batch_index: int) -> int:
-    """Sampling seed of one offline batch: independent streams, the same on every rerun."""
-    state = np.random.SeedSequence([seed % 2**64, shard_index, batch_index]).generate_state(1, np.uint64)
-    return int(state[0] % (2**63 - 1))
-
-
 def offline_shard_path(out_dir: str, shard_index: int, batch_index: int) -> str:
     """`OUT_DIR/shard-0003-00012.h5`: array task 3, its batch 12."""
     return os.path.join(out_dir, f"shard-{shard_index:04d}-{batch_index:05d}.h5")
@@ -89,6 +89,11 @@ class OfflineRollout:
     truncation: str = "skip"
     attrs: dict[str, str | int | float] = field(default_factory=dict)
     """Recorded in every shard (checkpoint, prompt file, ...), next to the sampling params."""
+    manifest: dict | None = None
+    """The rollout's manifest record (checkpoint, prompts, sampling; `data/manifest.py`),
+    None: no manifest (a caller that is not `hpcalign rollout`)."""
+    progress: bool = False
+    """A progress bar on stderr (prompts/s, tokens/s)."""
 
 
 @dataclass(kw_only=True)
@@ -109,6 +114,10 @@ class RolloutSummary:
     """Tokens sampled by this invocation (skipped shards not counted)."""
     sample_s: float = 0.0
     """Seconds spent sampling and scoring (skipped shards not counted)."""
+    write_s: float = 0.0
+    """Seconds spent writing shards (checksums and fsync included)."""
+    prompts_sampled: int = 0
+    """Prompts this invocation sampled (skipped shards not counted)."""
     elapsed_s: float = 0.0
     shards: list[str] = field(default_factory=list)
 
@@ -116,16 +125,22 @@ class RolloutSummary:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.sample_s if self.sample_s > 0 else 0.0
 
+    @property
+    def prompts_per_s(self) -> float:
+        """Prompts sampled per second of sampling (skipped shards not counted)."""
+        return self.prompts_sampled / self.sample_s if self.sample_s > 0 else 0.0
+
     def line(self) -> str:
         reward = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
         skipped = f" ({self.prompts_skipped} too long, skipped)" if self.prompts_skipped else ""
         return (f"rollout {self.shard_index}/{self.num_shards}: {self.shards_written} shards "
                 f"written, {self.shards_skipped} skipped, {self.samples} samples of "
                 f"{self.prompts} prompts{skipped}, mean reward {reward}, "
-                f"{self.tokens_per_s:.1f} tokens/s")
+                f"{self.prompts_per_s:.1f} prompts/s, {self.tokens_per_s:.1f} tokens/s")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s,
+                "prompts_per_s": self.prompts_per_s}
 
 
 def _existing(path: str, attrs: dict, policy_version: int, rows: np.ndarray,
@@ -165,9 +180,10 @@ def run_offline_rollout(job: OfflineRollout) -> RolloutSummary:
                              prompts=len(rows_of_task))
     os.makedirs(job.out_dir, mode=0o700, exist_ok=True)
     rewards: list[np.ndarray] = []
+    shards: list[dict] = []
+    bar = _progress_bar(job, len(rows_of_task))
     for batch_index in range(math.ceil(len(rows_of_task) / job.batch_size)):
         rows = rows_of_task[batch_index * job.batch_size:(batch_index + 1) * job.batch_size]
-        seed = batch_seed(job.seed, job.shard_index, batch_index)
         attrs = {**job.attrs, **job.params.as_attrs(), "seed": job.seed,
                  "shard_index": job.shard_index, "num_shards": job.num_shards,
                  "batch_index": batch_index, "batch_size": job.batch_size}
@@ -175,18 +191,31 @@ def run_offline_rollout(job: OfflineRollout) -> RolloutSummary:
         batch = _existing(path, attrs, job.policy_version, rows, job.params.samples_per_prompt)
         if batch is not None:
             summary.shards_skipped += 1
+            file_checksum = trusted_checksum(path) or _file_checksum(path)
         else:
             sample_start = time.perf_counter()
             # step = policy_version: an offline rollout is on-policy (staleness 0)
             batch = sample_and_score(
-                job.engine, job.prompts, job.rewards, rows, job.params, seed=seed,
+                job.engine, job.prompts, job.rewards, rows, job.params, seed=job.seed,
                 step=job.policy_version, policy_version=job.policy_version,
                 generator_rank=job.shard_index, attrs=attrs,
-                max_prompt_tokens=job.max_prompt_tokens, truncation=job.truncation).batch
-            write_shard(path, batch)
-            summary.sample_s += time.perf_counter() - sample_start
+                max_prompt_tokens=job.max_prompt_tokens, truncation=job.truncation,
+                per_sample_seeds=True).batch
+            sampled_s = time.perf_counter() - sample_start
+            write_start = time.perf_counter()
+            file_checksum = write_shard(path, batch).file_checksum
+            faults.maybe_fire("rollout-shard", step=batch_index)
+            summary.write_s += time.perf_counter() - write_start
+            summary.sample_s += sampled_s
             summary.completion_tokens += int(batch.completion_tokens.lengths().sum())
             summary.shards_written += 1
+            summary.prompts_sampled += len(rows)
+        shards.append({"file": os.path.basename(path), "file_checksum": file_checksum,
+                       "samples": len(batch)})
+        if bar is not None:
+            bar.update(len(rows))
+            if summary.sample_s > 0:
+                bar.set_postfix(tokens_per_s=f"{summary.tokens_per_s:.0f}", refresh=False)
         summary.samples += len(batch)
         summary.prompts_skipped += int(batch.attrs.get("prompts_skipped", 0))
         summary.shards.append(os.path.basename(path))
@@ -195,7 +224,29 @@ def run_offline_rollout(job: OfflineRollout) -> RolloutSummary:
     scored = scored[~np.isnan(scored)]
     summary.scored_samples = len(scored)
     summary.reward_mean = float(scored.mean()) if len(scored) else None
+    if bar is not None:
+        bar.close()
     summary.elapsed_s = time.perf_counter() - start
     atomic_write_text(os.path.join(job.out_dir, f"rollout-summary-{job.shard_index:04d}.json"),
                       json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n")
+    if job.manifest is not None:
+        write_part(job.out_dir, job.shard_index, {**job.manifest, "shards": shards})
+        assemble(job.out_dir, job.num_shards)
     return summary
+
+
+def _progress_bar(job: OfflineRollout, prompts: int):
+    """tqdm over this part's prompts (prompts/s as its rate), or None."""
+    if not job.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=prompts, unit="prompt", desc=f"rollout {job.shard_index}/{job.num_shards}",
+                mininterval=1.0, dynamic_ncols=True)
+
+
+def _file_checksum(path: str) -> str:
+    """The whole-file checksum of a shard without a sidecar (verified by `_existing`)."""
+    from hpcalign.data.manifest import content_hash
+
+    return content_hash(path)

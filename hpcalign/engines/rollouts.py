@@ -23,8 +23,42 @@ import numpy as np
 from hpcalign.data.datasets import filter_prompts
 from hpcalign.data.shards import Ragged, RolloutBatch
 from hpcalign.data.sources import Prompts, render
-from hpcalign.engines.base import GenerationEngine, SamplingParams
+from hpcalign.engines.base import GenerationEngine, GenerationOutput, SamplingParams
 from hpcalign.rewards import RewardSet, TrainerState
+
+
+def sample_seed(seed: int, prompt_id: int, sample_index: int) -> int:
+    """The seed of sample `sample_index` of dataset row `prompt_id` in a rollout seeded by
+    `seed`: independent streams, a pure function of the three (nothing else in the job)."""
+    state = np.random.SeedSequence([seed % 2**64, prompt_id, sample_index]).generate_state(
+        1, np.uint64)
+    return int(state[0] % (2**63 - 1))
+
+
+def _generate_per_sample(engine: GenerationEngine, prompts: list[list[int]],
+                         params: SamplingParams, seeds: np.ndarray) -> GenerationOutput:
+    """`engine.generate` with one seed per sample, one call per prompt's group of K.
+
+    NOTE: why a call per group rather than one for the batch: on CPU a row's floats depend
+    on the other rows of its call — on the left padding the longest prompt imposes, and,
+    even without padding, on the number of rows and the row's position among them (the
+    matmul kernels block rows; measured here: equal inputs at another row position differ
+    in the last bits of the log-probs). A group of K samples of one prompt is the same call
+    whatever the batch size or the split over workers, so its samples are too. The cost is
+    smaller calls (docs/rollout.md gives the figure); GPU kernels, which choose algorithms
+    by shape, make the same promise only per group as well.
+    """
+    k = params.samples_per_prompt
+    token_ids: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    reasons: list[str] = []
+    for first in range(0, len(prompts), k):
+        out = engine.generate(prompts[first:first + k], params, 0,
+                              sample_seeds=[int(s) for s in seeds[first:first + k]])
+        token_ids += out.token_ids
+        logprobs += out.logprobs
+        reasons += out.finish_reasons
+    return GenerationOutput(token_ids=token_ids, logprobs=logprobs, finish_reasons=reasons)
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,7 @@ def sample_and_score(
     max_prompt_tokens: int | None = None,
     truncation: str = "skip",
     trainer_state: TrainerState | None = None,
+    per_sample_seeds: bool = False,
 ) -> ScoredRollouts:
     """Sample `params.samples_per_prompt` completions of each of `rows` and score them.
 
@@ -61,6 +96,12 @@ def sample_and_score(
     functions every reward is NaN ("not scored"), as it is for a sample every function
     returned None for. `attrs` go to the shard (plus `prompts_skipped`); keep timings out
     of them so equal rollouts give equal bytes.
+
+    `per_sample_seeds` (offline rollouts): sample j of prompt row r draws from its own
+    seed, `sample_seed(seed, r, j)` (the shard's `seeds`), and each prompt's group is
+    sampled by a call of its own, so a sample does not depend on which other rows share
+    the batch: any batch size and any split over workers give the same samples. The
+    training step instead draws the whole call from `seed` (`roles.context.shard_seed`).
     """
     tokenizer = engine.tokenizer
     rows = np.asarray(rows, np.int64)
@@ -70,7 +111,13 @@ def sample_and_score(
     k = params.samples_per_prompt
     prompt_ids = np.repeat(rows, k)  # [N], the samples of a prompt adjacent
     expanded = [ids for ids in token_ids for _ in range(k)]
-    out = engine.generate(expanded, params, seed)
+    if per_sample_seeds:
+        seeds = np.array([sample_seed(seed, int(row), j) for row in rows for j in range(k)],
+                         np.int64)
+        out = _generate_per_sample(engine, expanded, params, seeds)
+    else:
+        seeds = np.full(len(prompt_ids), seed, np.int64)
+        out = engine.generate(expanded, params, seed)
     reward_start = time.perf_counter()
     texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
     columns = {name: [v for v in values for _ in range(k)]
@@ -90,7 +137,7 @@ def sample_and_score(
         prompt_tokens=Ragged.from_list(expanded, np.int32),
         completion_tokens=Ragged.from_list(out.token_ids, np.int32),
         logprobs=Ragged.from_list(out.logprobs, np.float32),
-        rewards=np.asarray(total, np.float32), seeds=np.full(len(prompt_ids), seed, np.int64),
+        rewards=np.asarray(total, np.float32), seeds=seeds,
         finished=np.asarray(out.finished, bool),
         attrs={**(attrs or {}), "prompts_skipped": skipped},
         reward_names=names, reward_values=values.astype(np.float32))

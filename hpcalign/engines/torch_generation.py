@@ -51,8 +51,16 @@ class TorchGenerationEngine:
         return next(self.model.parameters()).device
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
-                 seed: int) -> GenerationOutput:
-        """Sample one completion per prompt; equal arguments give equal outputs (per device)."""
+                 seed: int, *, sample_seeds: Sequence[int] | None = None) -> GenerationOutput:
+        """Sample one completion per prompt; equal arguments give equal outputs (per device).
+        `sample_seeds`: one random stream per prompt instead of one for the call."""
+        if sample_seeds is None:
+            generator = seeded_generator(self.model, seed)
+        else:
+            if len(sample_seeds) != len(prompt_token_ids):
+                raise ValueError(f"{len(sample_seeds)} sample seeds for "
+                                 f"{len(prompt_token_ids)} prompts")
+            generator = [seeded_generator(self.model, int(s)) for s in sample_seeds]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -63,7 +71,7 @@ class TorchGenerationEngine:
                              top_k=params.top_k,
                              eos_id=[] if params.ignore_eos else list(self.eos_token_ids),
                              pad_id=self.pad_token_id,
-                             generator=seeded_generator(self.model, seed))
+                             generator=generator)
         finally:
             self.model.train(was_training)
         return GenerationOutput(token_ids=out.tokens, logprobs=out.logprobs,

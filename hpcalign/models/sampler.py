@@ -18,7 +18,9 @@ top_k = 0 and top_p = 1 the PPO ratio starts at 1 (up to float rounding, ~1e-6);
 value is the policy's own log-prob of the token, not the truncated sampler's.
 
 All randomness comes from the `generator` argument (`torch.multinomial(..., generator=...)`):
-the same generator state and inputs give bitwise-identical outputs.
+the same generator state and inputs give bitwise-identical outputs. A list of generators,
+one per row, gives every sequence its own random stream, so a row's tokens do not depend
+on how many rows share its batch (offline rollouts: `engines/rollouts.py`, per-sample seeds).
 """
 
 from __future__ import annotations
@@ -106,12 +108,13 @@ def sample(
     top_k: int = 0,
     eos_id: int | Sequence[int],
     pad_id: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> SampleOutput:
     """Sample up to `max_new_tokens` tokens after each prompt (prompts include any `<bos>`).
 
     `eos_id`: the id, or the ids, that end a completion (-1 or an empty list: never stop
     early); `pad_id` only fills finished rows and left padding, which are masked.
+    `generator`: one for the batch, or one per prompt (each row then draws from its own).
     """
     if not prompts:
         return SampleOutput(tokens=[], logprobs=[], finished=[])
@@ -124,9 +127,14 @@ def sample(
     device = next(model.parameters()).device
     eos_ids = [int(eos_id)] if isinstance(eos_id, int) else [int(e) for e in eos_id]
     eos_ids = [e for e in eos_ids if e >= 0]
-    if generator.device.type != device.type:
-        raise ValueError(f"the random generator is on {generator.device} but the model on "
-                         f"{device}: use seeded_generator(model, seed)")
+    row_generators = None if isinstance(generator, torch.Generator) else list(generator)
+    if row_generators is not None and len(row_generators) != len(prompts):
+        raise ValueError(f"{len(row_generators)} random generators for {len(prompts)} prompts: "
+                         "pass one for the batch or one per prompt")
+    for gen in row_generators or [generator]:
+        if gen.device.type != device.type:
+            raise ValueError(f"the random generator is on {gen.device} but the model on "
+                             f"{device}: use seeded_generator(model, seed)")
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     prompt_len = int(lengths.max())
@@ -166,7 +174,11 @@ def sample(
             probs = torch.softmax(_truncate(scaled, top_k, top_p), dim=-1)
         else:
             probs = logp_all.exp()
-        token = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+        if row_generators is None:
+            token = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+        else:  # every row from its own stream, whatever else is in the batch
+            token = torch.cat([torch.multinomial(probs[row], 1, generator=gen)
+                               for row, gen in enumerate(row_generators)]).unsqueeze(1)
         token.masked_fill_(finished.unsqueeze(1), pad_id)
         out_tokens[:, step : step + 1] = token
         out_logprobs[:, step : step + 1] = logp_all.gather(-1, token)

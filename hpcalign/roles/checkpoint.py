@@ -114,12 +114,24 @@ def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None],
 
 
 def _prune(run_dir: str, keep: int) -> None:
+    """All but the newest `keep` checkpoints go, except those whose state says
+    `"keep": true` (`checkpoint.keep_every_steps`: the versions a replay needs)."""
     root = os.path.join(run_dir, "checkpoints")
     for step in list_checkpoints(run_dir)[:-keep]:
+        if _kept_forever(checkpoint_dir(run_dir, step)):
+            continue
         shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
     for name in os.listdir(root):
         if ".tmp-" in name:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _kept_forever(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "state.json")) as handle:
+            return json.load(handle).get("keep") is True
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: the ordinary rule
 
 
 def load_checkpoint(run_dir: str, step: int, model: torch.nn.Module,

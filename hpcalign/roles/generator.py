@@ -42,6 +42,16 @@ def sampling_params(gen: GeneratorConfig) -> SamplingParams:
                           top_p=gen.top_p, top_k=gen.top_k, ignore_eos=gen.ignore_eos)
 
 
+def generator_rows(cfg: Config, num_prompts: int, step: int, generator_index: int) -> np.ndarray:
+    """The dataset rows generator `generator_index` samples at `step`: its contiguous share
+    of the step's prompts (`indices_for_step`)."""
+    gen = cfg.generator
+    per_rank = gen.prompts_per_step // gen.ranks
+    indices = indices_for_step(num_prompts, cfg.seed, step, gen.prompts_per_step)
+    return np.asarray(indices[generator_index * per_rank:(generator_index + 1) * per_rank],
+                      np.int64)
+
+
 def step_rollouts(engine: GenerationEngine, sources: Sources, cfg: Config, step: int,
                   generator_index: int, policy_version: int, rows: np.ndarray) -> ScoredRollouts:
     """Generator `generator_index`'s prompt `rows` of `step`, sampled with `policy_version`
@@ -109,11 +119,9 @@ class Generator:
             pass
 
     def _publish(self, step: int) -> None:
-        cfg, gen = self.cfg, self.cfg.generator
+        cfg = self.cfg
         start = time.perf_counter()
-        per_rank = gen.prompts_per_step // gen.ranks
-        indices = indices_for_step(len(self.sources.train), cfg.seed, step, gen.prompts_per_step)
-        mine = np.asarray(indices[self.index * per_rank:(self.index + 1) * per_rank], np.int64)
+        mine = generator_rows(cfg, len(self.sources.train), step, self.index)
         scored = step_rollouts(self.engine, self.sources, cfg, step, self.index, self.version,
                                mine)
         batch, time_reward = scored.batch, scored.time_reward_s

@@ -56,6 +56,11 @@ def answer_text(value: Any) -> str:
     return str(value)
 
 
+def keep_forever(step: int, keep_every_steps: int) -> bool:
+    """Whether checkpoint `step` is exempt from pruning (`checkpoint.keep_every_steps`)."""
+    return keep_every_steps > 0 and step > 0 and step % keep_every_steps == 0
+
+
 def check_staleness(step: int, shard_step: int, policy_version: int, max_staleness: int,
                     path: str) -> None:
     """Refuse a shard of another step, or one sampled with a policy older than allowed."""
@@ -330,7 +335,8 @@ class Trainer:
                 self.ctx.run_dir, step,
                 {"step": step, "policy_version": self.version,
                  "generation_next_step": min(step + staleness, self.cfg.trainer.steps),
-                 "seed": self.cfg.seed, "shards": self._pending_shards()},
+                 "seed": self.cfg.seed, "shards": self._pending_shards(),
+                 "keep": keep_forever(step, self.cfg.checkpoint.keep_every_steps)},
                 keep=self.cfg.checkpoint.keep)
 
     def _pending_shards(self) -> dict[str, dict[str, str]]:

@@ -1,12 +1,13 @@
 """Offline sampling IS the generator role's sampling: the role's own step function (over
 `sample_and_score`, no I/O), given the policy a training step sampled from, its rows and
 its seed, gives that step's shard byte for byte (docs/rollout.md, "Same sampling as
-training")."""
+training"); `hpcalign rollout --replay RUN_DIR --step K` does it from the run alone."""
 
 import os
+import subprocess
 
 import numpy as np
-from local_runs import run_to_end
+from local_runs import hpcalign_argv, run_to_end
 
 from hpcalign.data.datasets import indices_for_step
 from hpcalign.data.shards import read_shard, shard_path, write_shard
@@ -34,3 +35,34 @@ def test_step_zero_shard_equals_offline_sampling_of_its_policy(tmp_path):
     offline = write_shard(str(tmp_path / "offline" / "shard-0000.h5"), scored.batch)
     with open(stored_path, "rb") as a, open(offline.path, "rb") as b:
         assert a.read() == b.read()  # byte for byte, so the checksums agree too
+
+
+def test_replay_regenerates_training_steps_bitwise_from_the_run_alone(tmp_path):
+    """Steps 0 (the starting policy) and 3 (version 2, sampled one step stale, from the
+    checkpoint keep_every_steps kept) replay bit for bit; step 2 needs version 1, whose
+    checkpoint the retention policy pruned: a named error, not a silent other version."""
+    run_dir = tmp_path / "run"
+    run_to_end(run_dir, "trainer.steps=4", "sync.max_staleness=1", "checkpoint.every_steps=1",
+               "checkpoint.keep=1", "checkpoint.keep_every_steps=2", "generator.ranks=2",
+               "generator.prompts_per_step=8")
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-000002", "step-000004"]
+
+    def replay(step: int, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(hpcalign_argv("rollout", "--replay", str(run_dir), "--step",
+                                            str(step), *extra),
+                              capture_output=True, text=True, timeout=300)
+
+    for step, version in ((0, 0), (3, 2)):
+        done = replay(step, "--out", str(tmp_path / f"replay-{step}"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (f"policy version {version}" in done.stdout
+                and done.stdout.count("bitwise equal") == 2), done.stdout
+        for generator in (0, 1):  # the replayed shards are the stored ones, byte for byte
+            stored = shard_path(str(run_dir), step, generator)
+            with open(stored, "rb") as a, open(shard_path(str(tmp_path / f"replay-{step}"),
+                                                          step, generator), "rb") as b:
+                assert a.read() == b.read()
+    pruned = replay(2)
+    assert pruned.returncode == 2
+    assert "policy version 1 is in no checkpoint" in pruned.stderr
+    assert "checkpoint.keep_every_steps" in pruned.stderr

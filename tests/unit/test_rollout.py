@@ -20,7 +20,8 @@ from hpcalign.commands import rollout as rollout_command
 from hpcalign.config.schema import ModelInit
 from hpcalign.data.shards import read_shard
 from hpcalign.engines import SamplingParams
-from hpcalign.engines.offline import batch_seed, offline_shard_path, prompt_order, slice_prompts
+from hpcalign.engines.offline import offline_shard_path, prompt_order, slice_prompts
+from hpcalign.engines.rollouts import sample_seed
 from hpcalign.errors import ShardError, UserError
 from hpcalign.models.hf import load_model
 from hpcalign.models.tiny import init_model
@@ -142,7 +143,11 @@ def test_same_seed_same_bytes_other_seed_other_tokens(checkpoint_dir, prompts_fi
     assert runs["a"] == runs["b"]
     assert runs["a"].keys() == runs["c"].keys()
     assert all(runs["a"][n] != runs["c"][n] for n in runs["a"])
-    assert batch_seed(5, 0, 1) == batch_seed(5, 0, 1) != batch_seed(5, 1, 0)
+    # each sample's own seed is recorded: a pure function of (seed, prompt row, sample index)
+    batch = read_shard(offline_shard_path(str(tmp_path / "a"), 0, 0))
+    assert list(batch.seeds) == [sample_seed(5, int(r), j % K)
+                                 for j, r in enumerate(batch.prompt_ids)]
+    assert len(set(batch.seeds.tolist())) == len(batch)
 
 
 def test_resume_skips_valid_shards_and_rewrites_a_corrupt_one(checkpoint_dir, prompts_file,
