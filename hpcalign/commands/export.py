@@ -6,8 +6,9 @@ string, or `[{"role": "assistant", "content": ...}]`), then `prompt_id`, `sample
 (its place in the prompt's group), `prompt_token_ids`, `completion_token_ids`,
 `logprobs` (per completion token), `reward` (the total sampled for; null where not
 scored), one `reward_<name>` per reward function, `finished`, `policy_version`, `step`
-and `seed`. Written by `datasets` itself (JSON lines or Parquet), so
-`datasets.load_dataset("json" | "parquet", data_files=...)` reads it back.
+and `seed`, then the dataset's other columns (`answer`, `solution`, ...). Written by
+`datasets` itself (JSON lines or Parquet), so `datasets.load_dataset("json" | "parquet",
+data_files=...)` reads it back.
 
     hpcalign export runs/r1/offline --format parquet --out r1.parquet
 """
@@ -31,6 +32,7 @@ def rows_of(source, batch) -> list[dict]:
     prompts = source.prompt_rows(batch.prompt_ids)
     conversational = source.prompts.is_conversational
     values = batch.reward_values if batch.reward_values is not None else None
+    columns = source.columns(batch.prompt_ids)
     rows, previous, index = [], None, 0
     for i in range(len(batch)):
         prompt_id = int(batch.prompt_ids[i])
@@ -50,6 +52,8 @@ def rows_of(source, batch) -> list[dict]:
             row[f"reward_{name}"] = _value(float(values[i, column]))
         row.update(finished=bool(batch.finished[i]), policy_version=int(batch.policy_version),
                    step=int(batch.step), seed=int(batch.seeds[i]))
+        for name, column in columns.items():  # the dataset's own columns (answer, ...)
+            row.setdefault(name, column[i])
         rows.append(row)
     return rows
 

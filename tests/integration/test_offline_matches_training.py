@@ -66,3 +66,23 @@ def test_replay_regenerates_training_steps_bitwise_from_the_run_alone(tmp_path):
     assert pruned.returncode == 2
     assert "policy version 1 is in no checkpoint" in pruned.stderr
     assert "checkpoint.keep_every_steps" in pruned.stderr
+
+    # the run directory is a rollout directory too: rescore it, then export it
+    scored = subprocess.run(hpcalign_argv("rescore", str(run_dir),
+                                          "reward.functions=[hpcalign.rewards.builtin:exact_match]"),
+                            capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    exported = tmp_path / "run.jsonl"
+    done = subprocess.run(hpcalign_argv("export", str(run_dir), "--out", str(exported)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import datasets
+
+    rows = datasets.load_dataset("json", data_files=str(exported), split="train")
+    assert len(rows) == 4 * 8 * 4  # steps x prompts per step x samples per prompt
+    stored = read_shard(shard_path(str(run_dir), 3, 1))
+    mine = [r for r in rows if r["step"] == 3 and r["seed"] == int(stored.seeds[0])]
+    assert [r["completion_token_ids"] for r in mine] == [t.tolist() for t in
+                                                          stored.completion_tokens.to_list()]
+    assert mine and all(r["reward_exact_match"] == float(r["completion"].strip() == r["answer"])
+                        for r in mine)  # the task's answer column, exported beside it
