@@ -28,13 +28,14 @@ COMMANDS: dict[str, str] = {
     "rescore": "rescore",
     "export": "export",
     "convert": "convert",
+    "train-rm": "train_rm",
     "plan": "plan",
     "sweep": "sweep",
     "report": "report",
 }
 # commands that create or write a RUN_DIR (or a rollout directory): their files are private
 RUN_DIR_WRITERS = frozenset({"run", "submit", "rollout", "rescore", "export", "convert",
-                             "sweep", "cancel"})
+                             "train-rm", "sweep", "cancel"})
 
 
 def _usage() -> str:

@@ -20,8 +20,10 @@ from hpcalign.config.schema import Config
 from hpcalign.errors import ConfigError
 
 
-def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read `path`, apply `key=value` overrides (OmegaConf dotlist), validate."""
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = (),
+                root: type[BaseModel] = Config) -> Any:
+    """Read `path`, apply `key=value` overrides (OmegaConf dotlist), validate as `root`
+    (a run's `Config`, or another command's root section, e.g. `train-rm`'s)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -43,24 +45,25 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err.__class__.__name__}: {err}") from None
     if missing:  # `???` in a config: a value the user must give
-        lines = [f"  {key}: required, no value given ({_field_help(key.split('.'))}); "
+        lines = [f"  {key}: required, no value given ({_field_help(key.split('.'), root)}); "
                  f"add the override {key}=..." for key in missing]
         raise ConfigError("\n".join([f"{path}: {len(missing)} value(s) to set", *lines]))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
-    return config_from_dict(data, source=path)
+    return config_from_dict(data, source=path, root=root)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
-    """Validate a plain dict (already merged) into a `Config`."""
+def config_from_dict(data: dict[str, Any], source: str = "config",
+                     root: type[BaseModel] = Config) -> Any:
+    """Validate a plain dict (already merged) into a `Config` (or `root`)."""
     nul = _nul_keys(data)
     if nul:  # no path, argv word, environment value or file name can hold one
         raise ConfigError("\n".join([f"{source}: {len(nul)} invalid value(s)", *[
             f"  {key}: NUL bytes are not allowed in config values" for key in nul]]))
     try:
-        return Config.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, data, source)) from None
+        raise ConfigError(_describe(err, data, source, root)) from None
 
 
 def _nul_keys(node: Any, prefix: str = "") -> list[str]:
@@ -80,30 +83,31 @@ def _nul_keys(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def _describe(err: ValidationError, data: dict[str, Any], source: str) -> str:
+def _describe(err: ValidationError, data: dict[str, Any], source: str,
+              root: type[BaseModel] = Config) -> str:
     lines = [f"{source}: {err.error_count()} invalid value(s)"]
     for item in err.errors():
         loc = [str(p) for p in item["loc"]]
         key = ".".join(loc) or "<top>"
         kind = item["type"]
         if kind == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_did_you_mean(loc)}")
+            lines.append(f"  {key}: unknown key{_did_you_mean(loc, root)}")
         elif kind == "missing":
-            lines.append(f"  {key}: required key is missing ({_field_help(loc)})")
+            lines.append(f"  {key}: required key is missing ({_field_help(loc, root)})")
         elif not loc:  # a rule across sections: its message names the keys and values
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             value = item.get("input")
             msg = item["msg"].removeprefix("Value error, ")
-            help_text = _field_help(loc)
+            help_text = _field_help(loc, root)
             expected = f"; expected: {help_text}" if help_text else ""
             lines.append(f"  {key}={value!r}: {msg}{expected}")
     return "\n".join(lines)
 
 
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
+def _model_at(loc: list[str], root: type[BaseModel] = Config) -> type[BaseModel] | None:
     """The pydantic model that holds the last element of `loc`."""
-    model: type[BaseModel] = Config
+    model: type[BaseModel] = root
     for part in loc[:-1]:
         field = model.model_fields.get(part)
         if field is None:
@@ -117,8 +121,8 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def _did_you_mean(loc: list[str]) -> str:
-    model = _model_at(loc)
+def _did_you_mean(loc: list[str], root: type[BaseModel] = Config) -> str:
+    model = _model_at(loc, root)
     if model is None:
         return ""
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
@@ -128,10 +132,10 @@ def _did_you_mean(loc: list[str]) -> str:
     return f" (known keys: {', '.join(model.model_fields)})"
 
 
-def _field_help(loc: list[str]) -> str:
+def _field_help(loc: list[str], root: type[BaseModel] = Config) -> str:
     if not loc:  # a rule across sections: its message names the keys
         return ""
-    model = _model_at(loc)
+    model = _model_at(loc, root)
     field = model.model_fields.get(loc[-1]) if model is not None else None
     return (field.description or "") if field is not None else ""
 
