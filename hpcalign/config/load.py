@@ -53,6 +53,19 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = (),
     return config_from_dict(data, source=path, root=root)
 
 
+def peek_algorithm(path: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The `algorithm` a config names (after overrides), before it is validated: which root
+    section validates it (a run's `Config` for GRPO, `config/dpo.py` for DPO). Errors are
+    left to `load_config`: this returns "grpo" for anything it cannot read."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(
+            [o for o in overrides if "=" in o and not o.startswith("=")]))
+        value = merged.get("algorithm", "grpo") if isinstance(merged, DictConfig) else "grpo"
+    except Exception:  # noqa: BLE001 - any unreadable config: load_config names the problem
+        return "grpo"
+    return value if isinstance(value, str) else "grpo"
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config",
                      root: type[BaseModel] = Config) -> Any:
     """Validate a plain dict (already merged) into a `Config` (or `root`)."""
