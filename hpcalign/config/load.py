@@ -40,6 +40,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = (),
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. trainer.lr=1e-5)")
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        _fold_policy_shorthand(merged, "model" if "model" in root.model_fields else "models.policy")
         missing = sorted(OmegaConf.missing_keys(merged))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
@@ -51,6 +52,25 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = (),
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
     return config_from_dict(data, source=path, root=root)
+
+
+def _fold_policy_shorthand(merged: DictConfig, canonical: str) -> None:
+    """`model.*` and `models.policy.*` name the same model: fold the other spelling into
+    `canonical` (the root's own field), so an override in either completes a `???` of the
+    other and the checked config has one."""
+    alias = "models.policy" if canonical == "model" else "model"
+    value = OmegaConf.select(merged, alias, default=None)
+    if value is None:
+        return
+    target = OmegaConf.select(merged, canonical, default=None)
+    folded = OmegaConf.merge(target, value) if isinstance(target, DictConfig) else value
+    if alias == "model":
+        del merged["model"]
+        merged.setdefault("models", {})
+        merged.models.policy = folded
+    else:
+        del merged.models["policy"]
+        merged.model = folded
 
 
 def peek_algorithm(path: str, overrides: list[str] | tuple[str, ...] = ()) -> str:

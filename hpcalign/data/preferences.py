@@ -12,8 +12,9 @@ loaded from the same files as prompts (JSONL, Parquet, a `save_to_disk` director
 `data.datasets.load_prompt_dataset`, whose checks and error places they share). A pair
 becomes token ids the way a policy's sample does: the prompt rendered by
 `render_prompt` (the tokenizer's own BOS, or the chat template with the generation
-prompt), then the completion's text tokenized without special tokens, so a reward model
-trained here scores a policy's completions in the very layout the generator produces.
+prompt), then the completion's text tokenized without special tokens and the tokenizer's
+EOS (which ends every finished sample), so a reward model trained here scores a policy's
+completions in the very layout the generator produces (as TRL appends EOS to them too).
 
     pairs = load_preference_dataset("pairs.jsonl")
     prompt_ids, chosen_ids, rejected_ids = pairs.tokens(tokenizer, i)
@@ -73,8 +74,12 @@ class PreferenceDataset:
     def tokens(self, tokenizer: Any, i: int) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, chosen ids, rejected ids) of pair `i` (see the module docstring)."""
         prompt_ids = render_prompt(tokenizer, self.prompts.prompt(i))
+        eos = tokenizer.eos_token_id
         chosen, rejected = (list(tokenizer(text, add_special_tokens=False).input_ids)
                             for text in (self.chosen[i], self.rejected[i]))
+        if eos is not None:  # a finished sample ends with EOS: score what the generator writes
+            chosen, rejected = ([*ids, eos] if not ids or ids[-1] != eos else ids
+                                for ids in (chosen, rejected))
         if not chosen or not rejected:
             raise UserError(f"{_place(self.prompts, i)} an empty "
                             f"'{CHOSEN if not chosen else REJECTED}' completion (nothing for "

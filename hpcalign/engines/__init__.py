@@ -25,9 +25,11 @@ from hpcalign.engines.base import (
 
 TRAINING_ENGINES: dict[str, str] = {
     "torch": "hpcalign.engines.torch_training:TorchTrainingEngine",
+    "megatron": "hpcalign.engines.megatron.engine:MegatronTrainingEngine",
 }
 GENERATION_ENGINES: dict[str, str] = {
     "torch": "hpcalign.engines.torch_generation:TorchGenerationEngine",
+    "vllm": "hpcalign.engines.vllm_generation:VllmGenerationEngine",
 }
 
 __all__ = [

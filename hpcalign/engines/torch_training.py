@@ -135,10 +135,13 @@ class TorchTrainingEngine:
         """An HF directory: safetensors weights + the input model's other files as they were."""
         save_model(self.model, self.tokenizer, out_dir, source_dir=self.model_dir)
 
-    def save_checkpoint(self, run_dir: str, step: int, state: dict[str, Any], keep: int) -> str:
+    def save_checkpoint(self, run_dir: str, step: int, state: dict[str, Any], keep: int,
+                        extra: Callable[[str], None] | None = None) -> str:
+        """`extra(dir)`: the flow's other trainable models, into the same atomic checkpoint."""
         if self.optimizer is None:
             raise RuntimeError("a frozen engine has no training state to checkpoint")
-        return save_checkpoint(run_dir, step, self.save_model, self.optimizer, state, keep)
+        return save_checkpoint(run_dir, step, self.save_model, self.optimizer, state, keep,
+                               extra=extra)
 
     def load_checkpoint(self, run_dir: str, step: int) -> dict[str, Any]:
         if self.optimizer is None:

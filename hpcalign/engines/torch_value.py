@@ -14,7 +14,9 @@ log-prob given the tokens before it) and both are read through `completion_mask`
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,3 +91,29 @@ class TorchValueEngine:
     def save_model(self, out_dir: str) -> None:
         """An HF sequence-classification directory (the critic's own config and weights)."""
         save_reward_model(self.model, self.tokenizer, self.model_dir, out_dir)
+
+    def save_state(self, directory: str) -> None:
+        """Weights (an HF directory in `directory/model`) and optimizer state, for a
+        checkpoint of the flow (`TrainingEngine.save_checkpoint(..., extra=...)`)."""
+        from hpcalign.roles.checkpoint import save_optimizer
+
+        self.save_model(os.path.join(directory, "model"))
+        if self.optimizer is not None:
+            save_optimizer(self.optimizer, directory)
+
+    def load_state(self, directory: str) -> None:
+        """Restore what `save_state` wrote, in place."""
+        from safetensors.torch import load_file
+
+        from hpcalign.roles.checkpoint import load_optimizer
+
+        weights: dict[str, torch.Tensor] = {}
+        for file in sorted(glob.glob(os.path.join(glob.escape(directory), "model",
+                                                  "*.safetensors"))):
+            weights.update(load_file(file))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{directory}: the critic checkpoint does not match the model "
+                               f"(missing {missing}, unexpected {unexpected})")
+        if self.optimizer is not None:
+            load_optimizer(self.optimizer, directory)

@@ -127,7 +127,7 @@ def sample(
     device = next(model.parameters()).device
     eos_ids = [int(eos_id)] if isinstance(eos_id, int) else [int(e) for e in eos_id]
     eos_ids = [e for e in eos_ids if e >= 0]
-    row_generators = None if isinstance(generator, torch.Generator) else list(generator)
+    row_generators = list(generator) if isinstance(generator, list | tuple) else None
     if row_generators is not None and len(row_generators) != len(prompts):
         raise ValueError(f"{len(row_generators)} random generators for {len(prompts)} prompts: "
                          "pass one for the batch or one per prompt")

@@ -51,6 +51,21 @@ class Placement:
                 "generator": asdict(self.generator)}
 
 
+def trainer_degrees(backend: str, ranks: int, tp: int, pp: int) -> tuple[int, int, int]:
+    """(tp, pp, dp) of the trainer ranks; ValueError naming the keys when they do not fit.
+
+    megatron: ranks = tp x pp x dp; the torch engine is data parallel only (tp = pp = 1).
+    """
+    if backend != "megatron" and (tp, pp) != (1, 1):
+        raise ValueError(f"trainer.tp={tp}, trainer.pp={pp}: model parallelism needs "
+                         f"trainer.backend=megatron (trainer.backend={backend!r} is data "
+                         "parallel only)")
+    if ranks % (tp * pp):
+        raise ValueError(f"trainer.ranks={ranks} must be a multiple of trainer.tp={tp} x "
+                         f"trainer.pp={pp} = {tp * pp} (ranks = tp x pp x data parallel)")
+    return tp, pp, ranks // (tp * pp)
+
+
 def _auto_threads(requested: int, concurrent_ranks: int) -> int:
     if requested:
         return requested
@@ -66,7 +81,8 @@ def compute_placement(cfg: Config) -> Placement:
     """
     t, g = cfg.trainer.ranks, cfg.generator.ranks
     concurrent = max(t, g) if cfg.sync.max_staleness == 0 else t + g
-    trainer = RolePlacement("trainer", 0, t, tp=1, pp=1, dp=t,
+    tp, pp, dp = trainer_degrees(cfg.trainer.backend, t, cfg.trainer.tp, cfg.trainer.pp)
+    trainer = RolePlacement("trainer", 0, t, tp=tp, pp=pp, dp=dp,
                             threads=_auto_threads(cfg.trainer.threads, concurrent))
     generator = RolePlacement("generator", t, g, tp=1, pp=1, dp=g,
                               threads=_auto_threads(cfg.generator.threads, concurrent))

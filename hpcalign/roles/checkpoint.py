@@ -29,7 +29,8 @@ from hpcalign.durable import fsync_dir, fsync_tree
 from hpcalign.errors import storage_errno
 from hpcalign.launch.rundir import checkpoint_dir, list_checkpoints
 
-__all__ = ["checkpoint_dir", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_dir", "list_checkpoints", "load_checkpoint", "load_optimizer",
+           "save_checkpoint", "save_optimizer"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -80,11 +81,14 @@ def load_state_dict(tensors_path: str, json_path: str) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None],
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> str:
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int,
+                    extra: Callable[[str], None] | None = None) -> str:
     """Write checkpoint `step` atomically and prune all but the newest `keep`.
 
     `save_model(dir)` writes the model as an HF directory (the training engine's
-    `save_model`, which keeps the input's tokenizer and config files).
+    `save_model`, which keeps the input's tokenizer and config files). `extra(dir)` writes
+    the other trainable models of the flow into the same checkpoint directory before it is
+    renamed (PPO's critic under `models/value/`), so one rename makes all of them durable.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = f"{final}.tmp-{os.getpid()}"
@@ -95,6 +99,8 @@ def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None],
         save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"),
                         os.path.join(tmp, "optimizer.json"))
         save_file({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        if extra is not None:
+            extra(tmp)
         with open(os.path.join(tmp, "state.json"), "w") as handle:
             json.dump({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, handle, indent=2)
         fsync_tree(tmp)
@@ -151,3 +157,15 @@ def load_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
     torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
     with open(os.path.join(path, "state.json")) as handle:
         return json.load(handle)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """An optimizer's state as `optimizer.safetensors` + `optimizer.json` in `directory`."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    save_state_dict(optimizer.state_dict(), os.path.join(directory, "optimizer.safetensors"),
+                    os.path.join(directory, "optimizer.json"))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: str) -> None:
+    optimizer.load_state_dict(load_state_dict(os.path.join(directory, "optimizer.safetensors"),
+                                              os.path.join(directory, "optimizer.json")))

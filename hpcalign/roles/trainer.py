@@ -1,10 +1,12 @@
 """Trainer role: read each step's shards, update the policy with GRPO, publish weights.
 
 Order of one step k: wait for the shards of step k (announced over MPI, or already on
-disk after a resume) → advantages over whole prompt groups → reference log-probs →
-clipped policy loss + k3 KL → AdamW → broadcast version k+1 to generators → checkpoint
-when due. A checkpoint at step c is only written once the shards of steps < c +
-max_staleness are on disk, so a resumed generator never has to re-sample with a policy
+disk after a resume) → (dynamic sampling: drop groups without reward variance) →
+reference log-probs → advantages over whole prompt groups (trainer.advantage_estimator,
+the KL in the reward if asked) → clipped policy loss (+ KL) → AdamW,
+trainer.updates_per_batch times → broadcast version k+1 to generators → checkpoint when
+due. A checkpoint at step c is only written once the shards of steps < c + max_staleness
+are on disk, so a resumed generator never has to re-sample with a policy
 version that no longer exists.
 
 The models are training engines (`hpcalign.engines`, `trainer.backend`): the policy (with
@@ -27,22 +29,35 @@ import torch
 import torch.distributed as dist
 
 from hpcalign import faults
-from hpcalign.algorithms.grpo import group_advantages, sft_loss
+from hpcalign.algorithms.advantages import informative_groups
+from hpcalign.algorithms.losses import sft_loss
 from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD, TAG_TRAINERS
 from hpcalign.comm.weights import NamedWeightSender
 from hpcalign.data.datasets import filter_prompts, indices_for_step
 from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
 from hpcalign.data.sources import ANSWER, load_sources, render
 from hpcalign.durable import fsync_dir, fsync_tree
-from hpcalign.engines import OptimizerSpec, SamplingParams, build_training_engine
+from hpcalign.engines import (
+    OptimizerSpec,
+    SamplingParams,
+    TrainStepResult,
+    build_training_engine,
+)
 from hpcalign.engines.rollouts import sample_and_score
 from hpcalign.errors import ProtocolError, ShardError, UserError
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
 from hpcalign.rewards import TrainerState
-from hpcalign.roles.checkpoint import list_checkpoints
+from hpcalign.roles.checkpoint import checkpoint_dir, list_checkpoints
 from hpcalign.roles.context import RoleContext, restart_count
-from hpcalign.roles.update import grpo_update, reward_metrics
+from hpcalign.roles.flow_models import FlowModels
+from hpcalign.roles.update import (
+    logprob_mismatch_check,
+    prepare_update,
+    reward_metrics,
+    run_update,
+    step_advantages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +186,15 @@ class Trainer:
                                             optimizer=spec, dp_group=self.ctx.trainer_group,
                                             dp_size=self.ctx.placement.trainer.ranks)
         self.reference = build_training_engine(tcfg.backend, ref_dir, cfg, device=self.ctx.device)
+        self.reference_dir = ref_dir
+        self.flow = FlowModels(self)  # the models cfg.algorithm adds (PPO's critic, ...)
         self.tokenizer = self.policy.tokenizer
         self.start_step, self.version = 0, 0
         self.generation_next_step = 0
         steps = list_checkpoints(self.ctx.run_dir)
         if steps:
             state = self.policy.load_checkpoint(self.ctx.run_dir, steps[-1])
+            self.flow.restore(checkpoint_dir(self.ctx.run_dir, steps[-1]))
             self.start_step = int(state["step"])
             self.version = int(state["policy_version"])
             self.generation_next_step = int(state["generation_next_step"])
@@ -237,7 +255,6 @@ class Trainer:
 
     # ------------------------------------------------------------ update
     def _update(self, step: int, batches: list[RolloutBatch]) -> dict[str, float]:
-        tcfg = self.cfg.trainer
         for g, batch in enumerate(batches):
             check_staleness(step, batch.step, batch.policy_version, self.cfg.sync.max_staleness,
                             shard_path(self.ctx.run_dir, step, g))
@@ -249,17 +266,9 @@ class Trainer:
         if not completions:  # every prompt of the step was over data.max_prompt_tokens
             nan = float("nan")  # no update: the policy stays as it is
             return {"samples": 0.0, "reward_mean": nan, "kl": nan, **self._shard_counts(batches)}
-        # unscorable samples (NaN: no reward function applied) get advantage 0
-        advantages = group_advantages(rewards, torch.from_numpy(prompt_ids)).to(self.policy.device)
         lengths = np.array([len(c) for c in completions])
-        token_count = float(max(1, lengths.sum()))
-        # data parallel: each trainer takes a contiguous slice of the whole batch
-        mine = np.array_split(np.arange(len(completions)), self.ctx.placement.trainer.ranks)[self.index]
-        result = grpo_update(self.policy, self.reference, [prompts[i] for i in mine],
-                             [completions[i] for i in mine], [old[i] for i in mine],
-                             advantages[torch.from_numpy(mine)], token_count, tcfg,
-                             temperature=self.cfg.generator.temperature,
-                             after_backward=lambda: faults.maybe_fire("step", step=step))
+        result, family = self._policy_update(step, rewards, torch.from_numpy(prompt_ids),
+                                             prompts, completions, old)
         versions = np.array([b.policy_version for b in batches])
         finished = np.concatenate([b.finished for b in batches])
         scored = rewards[~torch.isnan(rewards)]
@@ -275,8 +284,52 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "staleness_mean": float((step - versions).mean()),
             "samples": float(len(completions)),
+            **family,
             **self._shard_counts(batches),
         }
+
+    def _policy_update(self, step: int, rewards: torch.Tensor, group_ids: torch.Tensor,
+                       prompts: list[np.ndarray], completions: list[np.ndarray],
+                       old: list[np.ndarray]) -> tuple[TrainStepResult, dict[str, float]]:
+        """Advantages (trainer.advantage_estimator) and the update, after dropping the
+        groups without reward variance when trainer.dynamic_sampling is on.
+
+        Returns the step's result (NaN metrics when dynamic sampling dropped every group:
+        no update) and the GRPO-family counts for the metrics line.
+        """
+        if self.cfg.algorithm != "grpo":  # online_dpo, ppo: roles/flow_models.py
+            return self.flow.update(step, rewards, group_ids, prompts, completions, old)
+        tcfg = self.cfg.trainer
+        family: dict[str, float] = {}
+        if tcfg.dynamic_sampling:  # DAPO; the batch is NOT refilled with fresh groups
+            informative = informative_groups(rewards, group_ids)
+            family = {"groups_dropped": float(len(torch.unique(group_ids[~informative]))),
+                      "samples_trained": float(informative.sum())}
+            if not bool(informative.any()):
+                return TrainStepResult(metrics={"kl": float("nan")}, grad_norm=float("nan")), family
+            keep = torch.nonzero(informative).squeeze(-1).tolist()
+            rewards, group_ids = rewards[keep], group_ids[keep]
+            prompts, completions, old = ([seq[i] for i in keep] for seq in (prompts, completions, old))
+        lengths = np.array([len(c) for c in completions])
+        token_count = float(max(1, lengths.sum()))
+        # data parallel: each trainer takes a contiguous slice of the whole batch
+        mine = np.array_split(np.arange(len(completions)), self.ctx.placement.trainer.ranks)[self.index]
+        temperature = self.cfg.generator.temperature
+        prepared = prepare_update(self.policy, self.reference, [prompts[i] for i in mine],
+                                  [completions[i] for i in mine], [old[i] for i in mine], tcfg,
+                                  temperature=temperature)
+        # unscorable samples (NaN: no reward function applied) get advantage 0
+        advantages = step_advantages(tcfg, rewards, group_ids, lengths, prepared, mine,
+                                     group=self.ctx.trainer_group,
+                                     ranks=self.ctx.placement.trainer.ranks)
+        result = run_update(self.policy, prepared, advantages.to(self.policy.device), token_count,
+                            tcfg, temperature=temperature, seq_count=float(len(completions)),
+                            norm_length=float(self.cfg.generator.max_new_tokens),
+                            after_backward=lambda: faults.maybe_fire("step", step=step))
+        logprob_mismatch_check(result.metrics, tcfg.max_logprob_mismatch, step,
+                               group=self.ctx.trainer_group,
+                               ranks=self.ctx.placement.trainer.ranks)
+        return result, family
 
     @staticmethod
     def _shard_counts(batches: list[RolloutBatch]) -> dict[str, float]:
@@ -337,7 +390,8 @@ class Trainer:
                  "generation_next_step": min(step + staleness, self.cfg.trainer.steps),
                  "seed": self.cfg.seed, "shards": self._pending_shards(),
                  "keep": keep_forever(step, self.cfg.checkpoint.keep_every_steps)},
-                keep=self.cfg.checkpoint.keep)
+                keep=self.cfg.checkpoint.keep,
+                **({"extra": self.flow.save_extra} if self.flow.critic is not None else {}))
 
     def _pending_shards(self) -> dict[str, dict[str, str]]:
         """The whole-file checksums of the shards this checkpoint's resume will read from

@@ -79,7 +79,8 @@ def test_train_rm_learns_and_transformers_scores_its_checkpoint_the_same(base, t
     assert loaded.config.num_labels == 1
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts = ["abc=cba", "abcd=abcd", "hg=gh"]
-    sequences = [tokenizer(t).input_ids for t in texts]
+    # as trained and as a policy's finished sample: the completion, then EOS
+    sequences = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts]
     with torch.no_grad():
         ids, mask = pack_right(sequences, 0, torch.device("cpu"))
         ours = sequence_rewards(loaded, ids, mask)  # padded batch, our pooling
