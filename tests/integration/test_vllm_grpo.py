@@ -54,3 +54,36 @@ def test_drift_beyond_the_threshold_is_a_named_error(tmp_path):
                  "trainer.sft_warmup_steps=0")
     assert result.returncode != 0
     assert "LogprobMismatchError" in result.stderr and "max_logprob_mismatch" in result.stderr
+
+
+def test_offline_rollout_with_vllm_same_samples_for_any_batch_size(tmp_path):
+    """`hpcalign rollout --engine vllm`: per-sample seeds, one call per prompt group, so
+    two batch sizes give the same tokens and log-probs (docs/rollout.md)."""
+    import json
+
+    from hpcalign.config.load import load_config
+    from hpcalign.models.tiny import init_model
+
+    model = str(tmp_path / "model")
+    init_model(model, load_config(CONFIG, [f"run_dir={tmp_path}"]).model.init)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": w + "=", "answer": w[::-1]}) + "\n"
+                               for w in ["abc", "hello", "xy", "shard", "mpi"]))
+    found = []
+    for batch in ("1", "3"):
+        out = tmp_path / f"out{batch}"
+        done = subprocess.run(hpcalign_argv("rollout", "--engine", "vllm", "--checkpoint", model,
+                                            "--prompts", str(prompts), "--out", str(out),
+                                            "--samples-per-prompt", "2", "--max-new-tokens", "6",
+                                            "--batch-size", batch),
+                              capture_output=True, text=True, timeout=400, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        samples = {}
+        for name in sorted(os.listdir(out)):
+            if name.startswith("shard-") and name.endswith(".h5"):
+                shard = read_shard(str(out / name))
+                for i in range(len(shard)):
+                    samples[int(shard.seeds[i])] = (shard.completion_tokens[i].tolist(),
+                                                    shard.logprobs[i].tolist())
+        found.append(samples)
+    assert len(found[0]) == 10 and found[0] == found[1]
