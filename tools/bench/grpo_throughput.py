@@ -24,6 +24,7 @@ built-in `partial_match` reward (TRL gets the same function, restated).
     python tools/bench/grpo_throughput.py --steps 40 --staleness 0
     python tools/bench/grpo_throughput.py --model DIR --staleness 0
     python tools/bench/grpo_throughput.py --autocast bf16 --no-trl   # the bf16 figure
+    python tools/bench/grpo_throughput.py --variant dapo --staleness 0 --compile off
 
 Prints ONE JSON line. Targets: samples_per_s >= 0.9 x floor_samples_per_s, and
 >= 1.25 x TRL's samples_per_s.
@@ -127,10 +128,29 @@ def write_prompts(path: str, count: int = 512) -> str:
     return path
 
 
+# `--variant NAME`: the GRPO family and the other online flows, as config overrides of the
+# same run (docs/user-guide.md "GRPO family", docs/flows.md), against the same floor
+VARIANTS: dict[str, list[str]] = {
+    "grpo": [],
+    "rloo": ["trainer.advantage_estimator=rloo"],
+    "reinforce_pp": ["trainer.advantage_estimator=reinforce_pp"],
+    "reinforce_pp_baseline": ["trainer.advantage_estimator=reinforce_pp_baseline"],
+    "dapo": ["trainer.clip_eps_low=0.2", "trainer.clip_eps_high=0.28",
+             "trainer.dynamic_sampling=true", "trainer.loss_aggregation=token-mean"],
+    "dr_grpo": ["trainer.scale_rewards=false", "trainer.loss_aggregation=seq-mean-token-sum-norm"],
+    "gspo": ["trainer.importance_ratio=sequence", "trainer.loss_aggregation=seq-mean-token-mean"],
+    "kl_in_reward": ["trainer.kl_in_reward=true", "trainer.kl_estimator=k1"],
+    "two_updates": ["trainer.updates_per_batch=2"],
+    "online_dpo": ["algorithm=online_dpo"],
+    "ppo": ["algorithm=ppo"],
+}
+
+
 def framework(staleness: int, steps: int, warmup: int, workdir: str,
               precision: str = "none", model_dir: str | None = None,
-              compile_model: bool = False) -> dict:
-    run_dir = os.path.join(workdir, f"staleness-{staleness}-{precision}-{int(compile_model)}")
+              compile_model: bool = False, variant: str = "grpo") -> dict:
+    run_dir = os.path.join(workdir, f"{variant}-staleness-{staleness}-{precision}-"
+                                    f"{int(compile_model)}")
     if model_dir is None:  # the quickstart's task on the benchmark shape, built by init
         model_args = [os.path.join(ROOT, "configs", "quickstart.yaml"),
                       f"model.path={workdir}/model",
@@ -148,7 +168,8 @@ def framework(staleness: int, steps: int, warmup: int, workdir: str,
             "generator.ignore_eos=true", "trainer.kl_coef=0.04", "trainer.sft_warmup_steps=0",
             f"trainer.steps={steps}", "checkpoint.every_steps=0", "log.progress=false",
             "log.eval_every_steps=0", "log.tensorboard=true", f"sync.max_staleness={staleness}",
-            f"model.autocast={precision}", f"model.compile={str(compile_model).lower()}"]
+            f"model.autocast={precision}", f"model.compile={str(compile_model).lower()}",
+            *VARIANTS[variant]]
     subprocess.run(argv, check=True, cwd=ROOT, capture_output=True, timeout=1800)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steady = rows[warmup:]
@@ -197,6 +218,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both",
                         help="model.compile for hpcalign's runs (both: eager and compiled, "
                              "side by side; compiled results as staleness_<s>_compiled)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="grpo",
+                        help="a GRPO-family option set or another flow (same shape and floor)")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
                         help="bf16: floor and runs under bf16 autocast (a separate figure: "
                              "never mix it with the float32 one)")
@@ -204,6 +227,7 @@ def main() -> None:
     result: dict = {"bench": "grpo_throughput", "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "batch": BATCH, "new_tokens": NEW_TOKENS, "autocast": args.autocast,
+                    "variant": args.variant,
                     "model": args.model or "benchmark shape (init-model)",
                     "params_m": round(sum(p.numel() for p in _models(args.model)[0].parameters()) / 1e6, 2)}
     floor = compute_floor(args.threads, args.repeat, args.autocast, args.model)
@@ -215,10 +239,10 @@ def main() -> None:
         for staleness in args.staleness:
             for compiled in variants:
                 run = framework(staleness, args.steps, args.warmup, workdir, args.autocast,
-                                args.model, compiled)
+                                args.model, compiled, args.variant)
                 run["ratio_to_floor"] = round(run["samples_per_s"] / result["floor_samples_per_s"], 3)
                 result[f"staleness_{staleness}" + ("_compiled" if compiled else "")] = run
-        if not args.no_trl:
+        if not args.no_trl and args.variant == "grpo":  # TRL's peer is plain GRPO
             peer = trl_peer(args.model or os.path.join(workdir, "model"), prompts, args.steps,
                             args.warmup, args.threads, workdir)
             result["trl"] = peer
