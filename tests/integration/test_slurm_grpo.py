@@ -440,6 +440,25 @@ def test_rollout_array_sbatch_runs_every_slice(reference, tmp_path):
     assert parts == 2 and from_array == samples(local)[1] and len(from_array) == 8 * 8
 
 
+def test_online_dpo_and_a_grpo_variant_run_as_het_jobs(tmp_path):
+    """The other flows on the test cluster: OnlineDPO, and GRPO with DAPO's options
+    (clip-higher, dynamic sampling) and RLOO, each a het job that completes with its own
+    metrics (trainer on `train`, generator on `gen`)."""
+    runs = {"online_dpo": ["algorithm=online_dpo"],
+            "dapo_rloo": ["trainer.advantage_estimator=rloo", "trainer.clip_eps_high=0.28",
+                          "trainer.dynamic_sampling=true"]}
+    jobs = {name: submit(tmp_path / name, "trainer.steps=6", *extra)
+            for name, extra in runs.items()}
+    for name, job_id in jobs.items():
+        assert wait_done(tmp_path / name, job_id) == "COMPLETED", name
+        rows = metrics(tmp_path / name)
+        assert [r["step"] for r in rows] == list(range(6)), name
+        assert sacct_components(job_id)[f"{job_id}+1"]["partition"] == "gen"
+    assert all("pairs" in r and "rewards_chosen" in r for r in metrics(tmp_path / "online_dpo")
+               if r["pairs"])
+    assert all("groups_dropped" in r for r in metrics(tmp_path / "dapo_rloo"))
+
+
 # ------------------------------------------------ boundaries and ownership (last: they
 # requeue the reference job, whose first attempt other tests read through sacct)
 def test_preempted_after_its_final_checkpoint_completes_on_requeue(reference, tmp_path):
