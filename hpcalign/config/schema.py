@@ -160,6 +160,10 @@ class GeneratorConfig(Section):
     ignore_eos: bool = Field(
         False, description="Always sample max_new_tokens (benchmarks: fixed-length work)."
     )
+    refill_rounds: int = Field(
+        0, ge=0, description="With trainer.dynamic_sampling: sample up to this many extra "
+        "batches of other prompts to replace the groups whose rewards are all equal (DAPO's "
+        "refill; 0: no refill, the trainer only drops them).")
 
     @model_validator(mode="after")
     def _divides(self) -> GeneratorConfig:
@@ -223,7 +227,7 @@ class TrainerConfig(Section):
         "the trainer's, computed before the first of them).")
     dynamic_sampling: bool = Field(
         False, description="Drop prompt groups whose rewards are all equal before the update "
-        "(DAPO; counted in groups_dropped; the batch is not refilled).")
+        "(DAPO; counted in groups_dropped); generator.refill_rounds refills the batch.")
     micro_batch: int = Field(0, ge=0, description="Samples per forward (0: all at once).")
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised warm-up steps before GRPO.")
     sft_lr: float = Field(1e-3, gt=0, description="Warm-up learning rate.")

@@ -142,3 +142,69 @@ def sample_and_score(
         attrs={**(attrs or {}), "prompts_skipped": skipped},
         reward_names=names, reward_values=values.astype(np.float32))
     return ScoredRollouts(batch, texts, time_reward, skipped)
+
+
+def _select(batch: RolloutBatch, index: np.ndarray) -> RolloutBatch:
+    """The samples `index` of `batch` (in that order)."""
+    def ragged(r: Ragged, dtype) -> Ragged:
+        return Ragged.from_list([r[int(i)] for i in index], dtype)
+
+    values = batch.reward_values
+    return RolloutBatch(
+        step=batch.step, policy_version=batch.policy_version,
+        generator_rank=batch.generator_rank, prompt_ids=batch.prompt_ids[index],
+        prompt_tokens=ragged(batch.prompt_tokens, np.int32),
+        completion_tokens=ragged(batch.completion_tokens, np.int32),
+        logprobs=ragged(batch.logprobs, np.float32), rewards=batch.rewards[index],
+        seeds=batch.seeds[index], finished=batch.finished[index], attrs=dict(batch.attrs),
+        reward_names=batch.reward_names,
+        reward_values=None if values is None else values[index])
+
+
+def keep_informative(scored: ScoredRollouts) -> ScoredRollouts:
+    """Only the groups (samples of one prompt id) with two scored rewards that differ."""
+    batch = scored.batch
+    keep = []
+    for row in dict.fromkeys(batch.prompt_ids.tolist()):
+        members = np.nonzero(batch.prompt_ids == row)[0]
+        values = batch.rewards[members]
+        values = values[~np.isnan(values)]
+        if len(values) >= 2 and values.max() != values.min():
+            keep.extend(members.tolist())
+    index = np.asarray(keep, np.int64)
+    return ScoredRollouts(_select(batch, index), [scored.texts[i] for i in keep],
+                          scored.time_reward_s, scored.prompts_skipped)
+
+
+def concat_rollouts(parts: Sequence[ScoredRollouts], *, max_groups: int,
+                    attrs: Mapping[str, str | int | float]) -> ScoredRollouts:
+    """The parts' samples in order as one batch, cut after `max_groups` groups; the first
+    part's step, version and rank; `attrs` added (what the refill did)."""
+    samples = [(p, i) for p in parts for i in range(len(p.batch))]
+    groups: list[int] = []
+    kept = []
+    for part, i in samples:
+        row = int(part.batch.prompt_ids[i])
+        if row not in groups:
+            if len(groups) == max_groups:
+                continue
+            groups.append(row)
+        kept.append((part, i))
+    first = parts[0].batch
+    flat = RolloutBatch(
+        step=first.step, policy_version=first.policy_version, generator_rank=first.generator_rank,
+        prompt_ids=np.array([p.batch.prompt_ids[i] for p, i in kept], np.int64),
+        prompt_tokens=Ragged.from_list([p.batch.prompt_tokens[i] for p, i in kept], np.int32),
+        completion_tokens=Ragged.from_list([p.batch.completion_tokens[i] for p, i in kept],
+                                           np.int32),
+        logprobs=Ragged.from_list([p.batch.logprobs[i] for p, i in kept], np.float32),
+        rewards=np.array([p.batch.rewards[i] for p, i in kept], np.float32),
+        seeds=np.array([p.batch.seeds[i] for p, i in kept], np.int64),
+        finished=np.array([p.batch.finished[i] for p, i in kept], bool),
+        attrs={**first.attrs, **attrs}, reward_names=first.reward_names,
+        reward_values=(np.stack([p.batch.reward_values[i] for p, i in kept])
+                       if kept and first.reward_values is not None
+                       else np.zeros((0, len(first.reward_names)), np.float32)))
+    return ScoredRollouts(flat, [p.texts[i] for p, i in kept],
+                          sum(p.time_reward_s for p in parts),
+                          sum(p.prompts_skipped for p in parts))

@@ -26,7 +26,12 @@ from hpcalign.data.datasets import indices_for_step
 from hpcalign.data.shards import shard_path, write_shard
 from hpcalign.data.sources import Sources, load_sources
 from hpcalign.engines import GenerationEngine, SamplingParams, build_generation_engine
-from hpcalign.engines.rollouts import ScoredRollouts, sample_and_score
+from hpcalign.engines.rollouts import (
+    ScoredRollouts,
+    concat_rollouts,
+    keep_informative,
+    sample_and_score,
+)
 from hpcalign.errors import ProtocolError
 from hpcalign.models.tokenizer import char_symbols
 from hpcalign.rewards import TrainerState
@@ -55,16 +60,63 @@ def generator_rows(cfg: Config, num_prompts: int, step: int, generator_index: in
 def step_rollouts(engine: GenerationEngine, sources: Sources, cfg: Config, step: int,
                   generator_index: int, policy_version: int, rows: np.ndarray) -> ScoredRollouts:
     """Generator `generator_index`'s prompt `rows` of `step`, sampled with `policy_version`
-    and scored: exactly what its shard holds (no I/O, so a replay can call it too)."""
+    and scored: exactly what its shard holds (no I/O, so a replay can call it too).
+
+    With `trainer.dynamic_sampling` and `generator.refill_rounds` > 0 (DAPO's dynamic
+    sampling), groups whose rewards are all equal are dropped here and replaced by groups
+    of other prompts, sampled in up to `refill_rounds` extra batches (`refill_rows`), until
+    the shard holds as many groups as `rows`; a shard the rounds could not fill is
+    published short (the trainer counts it).
+    """
     state = TrainerState(global_step=step, max_steps=cfg.trainer.steps,
                          epoch=step * cfg.generator.prompts_per_step / len(sources.train))
-    return sample_and_score(
-        engine, sources.train, sources.rewards, rows, sampling_params(cfg.generator),
-        seed=shard_seed(cfg.seed, step, generator_index), step=step,
-        policy_version=policy_version, generator_rank=generator_index,
-        attrs={"task": sources.name},  # no timings: equal rollouts, equal bytes
-        max_prompt_tokens=cfg.data.max_prompt_tokens, truncation=cfg.data.truncation,
-        trainer_state=state)
+
+    def sample(batch_rows: np.ndarray, seed: int) -> ScoredRollouts:
+        return sample_and_score(
+            engine, sources.train, sources.rewards, batch_rows, sampling_params(cfg.generator),
+            seed=seed, step=step, policy_version=policy_version, generator_rank=generator_index,
+            attrs={"task": sources.name},  # no timings: equal rollouts, equal bytes
+            max_prompt_tokens=cfg.data.max_prompt_tokens, truncation=cfg.data.truncation,
+            trainer_state=state)
+
+    scored = sample(rows, shard_seed(cfg.seed, step, generator_index))
+    rounds = cfg.generator.refill_rounds if cfg.trainer.dynamic_sampling else 0
+    if not rounds:
+        return scored
+    parts = [keep_informative(scored)]
+    have, used = len(np.unique(parts[0].batch.prompt_ids)), 0
+    for refill in range(1, rounds + 1):
+        if have >= len(rows):
+            break
+        extra = refill_rows(cfg, len(sources.train), step, generator_index, refill, len(rows))
+        if not len(extra):
+            break
+        parts.append(keep_informative(sample(extra, refill_seed(cfg.seed, step, generator_index,
+                                                                refill))))
+        have += len(np.unique(parts[-1].batch.prompt_ids))
+        used = refill
+    return concat_rollouts(parts, max_groups=len(rows), attrs={"refill_rounds": used})
+
+
+def refill_seed(seed: int, step: int, generator_index: int, refill: int) -> int:
+    """The sampling seed of refill round `refill` (>= 1) of one (step, generator)."""
+    return int(np.random.SeedSequence([seed, step, generator_index, refill]).generate_state(
+        1, np.uint64)[0] % (2**63 - 1))
+
+
+def refill_rows(cfg: Config, num_prompts: int, step: int, generator_index: int, refill: int,
+                count: int) -> np.ndarray:
+    """`count` prompt rows for refill round `refill`: a seeded draw from the rows no
+    generator samples at this step, split between generators (so no two groups of a step
+    share a prompt id, which the trainer groups by)."""
+    gen = cfg.generator
+    taken = set(indices_for_step(num_prompts, cfg.seed, step, gen.prompts_per_step).tolist())
+    order = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, refill, 11])).permutation(
+        num_prompts)
+    free = np.array([r for r in order if r not in taken], np.int64)
+    mine = free[generator_index::gen.ranks]
+    # NOTE: each round takes the next `count` of this generator's rows, so rounds differ
+    return mine[(refill - 1) * count:refill * count]
 
 
 class Generator:

@@ -74,3 +74,29 @@ def test_ppo_with_a_reward_model_resumes_bitwise_critic_included(tmp_path):
         a, b = (load_file(os.path.join(d, critic, name)) for d in (whole, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert any(r["score_mean"] != 0 for r in metrics(whole))
+
+
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path):
+    """DAPO's dynamic sampling with generator.refill_rounds: the generator replaces groups
+    whose rewards are all equal, so every shard is full of informative groups and the
+    trainer drops none (unless the rounds ran out, which the shard records)."""
+    import numpy as np
+
+    from hpcalign.data.shards import read_shard, shard_path
+
+    run_dir = tmp_path / "dapo"
+    run_to_end(run_dir, "trainer.steps=4", "trainer.dynamic_sampling=true",
+               "generator.refill_rounds=6", "trainer.sft_warmup_steps=0")
+    refilled = 0
+    for row in metrics(run_dir):
+        shard = read_shard(shard_path(str(run_dir), row["step"], 0))
+        ids = shard.prompt_ids
+        groups = list(dict.fromkeys(ids.tolist()))
+        for group in groups:
+            rewards = shard.rewards[ids == group]
+            assert len(rewards) == 4 and rewards.max() != rewards.min()
+        refilled += int(shard.attrs["refill_rounds"])
+        if int(shard.attrs["refill_rounds"]) < 6:
+            assert len(groups) == 4 and row["groups_dropped"] == 0, row
+        assert len(np.unique(ids)) == len(groups)
+    assert refilled > 0  # an untrained model gives all-equal groups: the refill ran
