@@ -109,3 +109,37 @@ def test_bad_pairs_are_named(base, tmp_path, capsys, row, message):
                      f"data.train={path}", f"run_dir={tmp_path / 'rm'}"]) == 2
     err = capsys.readouterr().err
     assert message in err and str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("layout", ["parquet", "disk"])
+def test_conversational_pairs_render_with_the_chat_template(tmp_path, layout):
+    """TRL's conversational preference shape from Parquet / a datasets directory: the prompt
+    through the chat template with the generation prompt, the assistant's content after it,
+    then EOS (what a policy's finished sample holds)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from standins import qwen_standin
+    from transformers import AutoTokenizer
+
+    from hpcalign.data.preferences import load_preference_dataset
+
+    model = qwen_standin(tmp_path / "qwen")
+    rows = [{"prompt": [{"role": "user", "content": "two plus two"}],
+             "chosen": [{"role": "assistant", "content": "four"}],
+             "rejected": [{"role": "assistant", "content": "five"}], "margin": 1.5}]
+    if layout == "parquet":
+        path = str(tmp_path / "pairs.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path = str(tmp_path / "pairs")
+        datasets.Dataset.from_list(rows).save_to_disk(path)
+    pairs = load_preference_dataset(path)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt, chosen, rejected = pairs.tokens(tokenizer, 0)
+    text = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True,
+                                         tokenize=False)
+    assert prompt == tokenizer(text, add_special_tokens=False).input_ids
+    assert chosen == tokenizer("four", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert rejected[-1] == tokenizer.eos_token_id and pairs.margins == [1.5]
+    assert pairs.is_conversational
