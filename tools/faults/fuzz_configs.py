@@ -691,7 +691,12 @@ def run_case(case: dict, work: str) -> dict:
             return [escape(v) for v in node]
         return omegaconf_escape(node) if isinstance(node, str) else node
 
-    text = yaml.safe_dump(escape(text_data), sort_keys=False, allow_unicode=True, width=10**6)
+    # NOTE: PyYAML writes NEL / LINE SEPARATOR / PARAGRAPH SEPARATOR raw into a quoted
+    # scalar with allow_unicode, and YAML folds them into a space when read back: the file
+    # would then say another value than the case's. Such values go escaped ("\N", "\L").
+    breaks = any(c in json.dumps(text_data, ensure_ascii=False, default=str) for c in "\x85\u2028\u2029")
+    text = yaml.safe_dump(escape(text_data), sort_keys=False, allow_unicode=not breaks,
+                          width=10**6)
     breaker = case.get("text_breaker")
     if breaker:
         text = dict((w, b) for w, b, _ in YAML_BREAKS)[breaker](text)
