@@ -42,18 +42,19 @@ def main(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     from hpcalign.data.datasets import indices_for_step
-    from hpcalign.data.preferences import load_preference_dataset
+    from hpcalign.data.preferences import TokenizedPairs, load_preference_dataset
     from hpcalign.durable import atomic_write_text
     from hpcalign.launch.claim import take_claim
     from hpcalign.models.hf import load_tokenizer
-    from hpcalign.models.reward_model import load_reward_model, save_reward_model
+    from hpcalign.models.reward_model import load_reward_model, reward_pad_id, save_reward_model
     from hpcalign.roles.device import role_device
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # "some weights newly initialized": the score head, meant
     tokenizer = load_tokenizer(cfg.model.path)
-    train = _tokenized(load_preference_dataset(cfg.data.train), tokenizer, cfg.data.max_tokens)
-    held_out = (_tokenized(load_preference_dataset(cfg.data.eval), tokenizer, cfg.data.max_tokens)
+    train = TokenizedPairs(load_preference_dataset(cfg.data.train), tokenizer, cfg.data.max_tokens)
+    held_out = (TokenizedPairs(load_preference_dataset(cfg.data.eval), tokenizer,
+                               cfg.data.max_tokens)
                 if cfg.data.eval else None)
     try:
         device = role_device(cfg.trainer.device, "trainer.device")
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
 
         atomic_write_text(os.path.join(cfg.run_dir, "config.yaml"), dump_config(cfg))
         model = load_reward_model(cfg.model.path, cfg.model.dtype, seed=cfg.seed).to(device)
-        pad = _pad_id(tokenizer)
+        pad = reward_pad_id(tokenizer)
         tcfg = cfg.trainer
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr,
                                       weight_decay=tcfg.weight_decay)
@@ -114,52 +115,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-class _Pairs:
-    """Token ids of the pairs kept (within `max_tokens`), and their margins."""
-
-    def __init__(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float],
-                 skipped: int) -> None:
-        self.chosen, self.rejected, self.margins, self.skipped = chosen, rejected, margins, skipped
-
-    def __len__(self) -> int:
-        return len(self.chosen)
-
-
-def _tokenized(pairs, tokenizer, max_tokens: int | None) -> _Pairs:
-    from hpcalign.errors import UserError
-
-    chosen, rejected, margins, skipped = [], [], [], 0
-    for i in range(len(pairs)):
-        prompt, good, bad = pairs.tokens(tokenizer, i)
-        if max_tokens is not None and len(prompt) + max(len(good), len(bad)) > max_tokens:
-            skipped += 1
-            continue
-        chosen.append(prompt + good)
-        rejected.append(prompt + bad)
-        margins.append(pairs.margins[i])
-    if not chosen:
-        raise UserError(f"{pairs.path}: every pair is longer than data.max_tokens={max_tokens}")
-    return _Pairs(chosen, rejected, margins, skipped)
-
-
-def _pad_id(tokenizer) -> int:
-    from hpcalign.models.hf import padding_id
-
-    eos = tokenizer.eos_token_id
-    return padding_id(tokenizer, () if eos is None else (int(eos),))
-
-
-def _rewards(model, pairs: _Pairs, rows, pad: int, device):
+def _rewards(model, pairs, rows, pad: int, device):
     """(chosen rewards [P], rejected rewards [P]) of pairs `rows`, in one forward."""
     from hpcalign.models.reward_model import pack_right, sequence_rewards
 
-    sequences = [pairs.chosen[i] for i in rows] + [pairs.rejected[i] for i in rows]
+    sequences = ([pairs.prompts[i] + pairs.chosen[i] for i in rows]
+                 + [pairs.prompts[i] + pairs.rejected[i] for i in rows])
     ids, mask = pack_right(sequences, pad, device)
     rewards = sequence_rewards(model, ids, mask)
     return rewards[:len(rows)], rewards[len(rows):]
 
 
-def evaluate(model, pairs: _Pairs, pad: int, device, batch: int) -> dict[str, float]:
+def evaluate(model, pairs, pad: int, device, batch: int) -> dict[str, float]:
     """`eval_accuracy` (share of pairs with r_chosen > r_rejected) and `eval_margin`."""
     import torch
 

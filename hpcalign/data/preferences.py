@@ -87,6 +87,33 @@ class PreferenceDataset:
         return prompt_ids, chosen, rejected
 
 
+class TokenizedPairs:
+    """The token ids of the pairs within `max_tokens` (prompt + the longer completion), in
+    dataset order, with their margins: what `train-rm` and DPO train on."""
+
+    def __init__(self, pairs: PreferenceDataset, tokenizer: Any, max_tokens: int | None) -> None:
+        self.path = pairs.path
+        self.prompts: list[list[int]] = []
+        self.chosen: list[list[int]] = []
+        self.rejected: list[list[int]] = []
+        self.margins: list[float] = []
+        self.skipped = 0
+        for i in range(len(pairs)):
+            prompt, chosen, rejected = pairs.tokens(tokenizer, i)
+            if max_tokens is not None and len(prompt) + max(len(chosen), len(rejected)) > max_tokens:
+                self.skipped += 1
+                continue
+            self.prompts.append(prompt)
+            self.chosen.append(chosen)
+            self.rejected.append(rejected)
+            self.margins.append(pairs.margins[i])
+        if not self.prompts:
+            raise UserError(f"{pairs.path}: every pair is longer than data.max_tokens={max_tokens}")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
 def load_preference_dataset(path: str) -> PreferenceDataset:
     """The pairs at `path`, every row checked: a UserError names the file, line or row and
     field of the first bad one (a missing `chosen`, a message without content, ...)."""

@@ -33,34 +33,16 @@ import numpy as np
 import torch
 
 from hpcalign.config.dpo import DPOConfig
+from hpcalign.data.preferences import TokenizedPairs
 
 log = logging.getLogger(__name__)
 
 
-class _Pairs:
-    """Token ids of the pairs within `data.max_tokens`."""
-
-    def __init__(self, dataset: Any, tokenizer: Any, max_tokens: int | None) -> None:
-        self.prompts, self.chosen, self.rejected = [], [], []
-        self.skipped = 0
-        for i in range(len(dataset)):
-            prompt, chosen, rejected = dataset.tokens(tokenizer, i)
-            if max_tokens is not None and len(prompt) + max(len(chosen), len(rejected)) > max_tokens:
-                self.skipped += 1
-                continue
-            self.prompts.append(prompt)
-            self.chosen.append(chosen)
-            self.rejected.append(rejected)
-        self.path = dataset.path
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def batch(self, engine: Any, rows: Any) -> dict[str, torch.Tensor]:
-        """One packed batch [2P, T]: the chosen completions of `rows`, then the rejected."""
-        prompts = [self.prompts[i] for i in rows]
-        return engine.pack(prompts + prompts, [self.chosen[i] for i in rows]
-                           + [self.rejected[i] for i in rows])
+def pair_batch(engine: Any, pairs: TokenizedPairs, rows: Any) -> dict[str, torch.Tensor]:
+    """One packed batch [2P, T]: the chosen completions of `rows`, then the rejected."""
+    prompts = [pairs.prompts[i] for i in rows]
+    return engine.pack(prompts + prompts, [pairs.chosen[i] for i in rows]
+                       + [pairs.rejected[i] for i in rows])
 
 
 def sequence_logps(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,18 +51,19 @@ def sequence_logps(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return (logp * fmask).sum(-1), fmask.sum(-1)
 
 
-def _scores(total: torch.Tensor, tokens: torch.Tensor, loss_type: str) -> torch.Tensor:
+def preference_scores(total: torch.Tensor, tokens: torch.Tensor,
+                      loss_type: str) -> torch.Tensor:
     """What the loss compares: summed log-probs, or per-token means for IPO (as TRL does)."""
     return total / tokens.clamp(min=1) if loss_type == "ipo" else total
 
 
-def _reference_logps(engine: Any, pairs: _Pairs, batch: int):
+def _reference_logps(engine: Any, pairs: TokenizedPairs, batch: int):
     from hpcalign.data.reference_logps import ReferenceLogps
 
     out = {name: [] for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
     for first in range(0, len(pairs), batch):
         rows = range(first, min(first + batch, len(pairs)))
-        packed = pairs.batch(engine, rows)
+        packed = pair_batch(engine, pairs, rows)
         total, tokens = sequence_logps(engine.logprobs(packed, temperature=1.0)[0],
                                        packed["completion_mask"])
         half = len(rows)
@@ -91,7 +74,7 @@ def _reference_logps(engine: Any, pairs: _Pairs, batch: int):
     return ReferenceLogps(**{k: torch.cat(v).numpy() for k, v in out.items()})
 
 
-def _stored_reference(engine: Any, pairs: _Pairs, path: str, model_hash: str, data_path: str,
+def _stored_reference(engine: Any, pairs: TokenizedPairs, path: str, model_hash: str, data_path: str,
                       batch: int, counter: dict[str, int]):
     """The reference log-probs of `pairs`: read back, or computed now and stored."""
     from hpcalign.data.manifest import content_hash
@@ -107,13 +90,13 @@ def _stored_reference(engine: Any, pairs: _Pairs, path: str, model_hash: str, da
     return store
 
 
-def _evaluate(policy: Any, pairs: _Pairs, ref, cfg: DPOConfig) -> dict[str, float]:
+def _evaluate(policy: Any, pairs: TokenizedPairs, ref, cfg: DPOConfig) -> dict[str, float]:
     from hpcalign.algorithms import dpo_implicit_rewards
 
     margins = []
     for first in range(0, len(pairs), cfg.trainer.batch):
         rows = np.arange(first, min(first + cfg.trainer.batch, len(pairs)))
-        packed = pairs.batch(policy, rows)
+        packed = pair_batch(policy, pairs, rows)
         total, _ = sequence_logps(policy.logprobs(packed, temperature=1.0)[0],
                                   packed["completion_mask"])
         total = total.double().cpu()
@@ -141,9 +124,10 @@ def _loss_fn(cfg: DPOConfig, ref: Any, rows: np.ndarray, device: torch.device):
         total, tokens = sequence_logps(logp, batch["completion_mask"])
         total, tokens = total.double(), tokens.double()
         chosen, rejected = total[:half], total[half:]
-        losses = dpo_loss(_scores(chosen, tokens[:half], loss_type),
-                          _scores(rejected, tokens[half:], loss_type),
-                          _scores(ref_c, ref_ct, loss_type), _scores(ref_r, ref_rt, loss_type),
+        losses = dpo_loss(preference_scores(chosen, tokens[:half], loss_type),
+                          preference_scores(rejected, tokens[half:], loss_type),
+                          preference_scores(ref_c, ref_ct, loss_type),
+                          preference_scores(ref_r, ref_rt, loss_type),
                           beta=beta, loss_type=loss_type,
                           label_smoothing=cfg.dpo.label_smoothing)
         with torch.no_grad():
@@ -193,9 +177,9 @@ def run_dpo(cfg: DPOConfig) -> int:
         reference_cfg = cfg.reference
         reference = build_training_engine("torch", reference_cfg.path,
                                           engine_config(reference_cfg), device=device)
-        train = _Pairs(load_preference_dataset(cfg.data.train), reference.tokenizer,
+        train = TokenizedPairs(load_preference_dataset(cfg.data.train), reference.tokenizer,
                        cfg.data.max_tokens)
-        held_out = (_Pairs(load_preference_dataset(cfg.data.eval), reference.tokenizer,
+        held_out = (TokenizedPairs(load_preference_dataset(cfg.data.eval), reference.tokenizer,
                            cfg.data.max_tokens) if cfg.data.eval else None)
         counter = {"reference_forwards": 0}
         model_hash = content_hash(reference_cfg.path)
@@ -223,7 +207,7 @@ def run_dpo(cfg: DPOConfig) -> int:
         for step in range(start, tcfg.steps):
             rows = indices_for_step(len(train), cfg.seed, step, tcfg.batch)
             loss_fn = _loss_fn(cfg, ref_train, rows, device)
-            result = policy.train_step([train.batch(policy, rows)], loss_fn, temperature=1.0)
+            result = policy.train_step([pair_batch(policy, train, rows)], loss_fn, temperature=1.0)
             row = {"step": step, **result.metrics,
                    "grad_norm": None if np.isnan(result.grad_norm) else result.grad_norm,
                    "reference_forwards": counter["reference_forwards"],

@@ -89,7 +89,7 @@ def save_reward_model(model: torch.nn.Module, tokenizer: Any, source_dir: str,
     one label, the pad id transformers pools with) and weights, and the base's tokenizer
     files byte for byte (so it tokenizes as the policy does)."""
     os.makedirs(out_dir, mode=0o700, exist_ok=True)
-    model.config.pad_token_id = padding_id(tokenizer, _eos_ids(tokenizer))
+    model.config.pad_token_id = reward_pad_id(tokenizer)
     model.save_pretrained(out_dir, safe_serialization=True)
     for name in sorted(os.listdir(source_dir)):
         path = os.path.join(source_dir, name)
@@ -100,6 +100,7 @@ def save_reward_model(model: torch.nn.Module, tokenizer: Any, source_dir: str,
             dst.write(src.read())
 
 
-def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
+def reward_pad_id(tokenizer: Any) -> int:
+    """The id sequences are right-padded with (the tokenizer's pad, else its EOS)."""
     eos = tokenizer.eos_token_id
-    return () if eos is None else (int(eos),)
+    return padding_id(tokenizer, () if eos is None else (int(eos),))

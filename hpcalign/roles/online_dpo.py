@@ -53,7 +53,7 @@ def online_dpo_update(policy: TrainingEngine, reference: TrainingEngine,
     `global_pairs`: the step's pairs over every data-parallel rank (> 0).
     """
     from hpcalign.algorithms import dpo_implicit_rewards, dpo_loss
-    from hpcalign.flows.dpo import _scores, sequence_logps
+    from hpcalign.flows.dpo import preference_scores, sequence_logps
 
     if not pairs:  # this rank has none, others do: a zero-gradient step keeps the all-reduce
         batch = policy.pack([prompts[0]], [completions[0]])
@@ -76,10 +76,10 @@ def online_dpo_update(policy: TrainingEngine, reference: TrainingEngine,
                 _entropy: object) -> tuple[torch.Tensor, dict[str, float]]:
         total, tokens = sequence_logps(logp, packed["completion_mask"])
         total, tokens = total.double(), tokens.double()
-        losses = dpo_loss(_scores(total[:half], tokens[:half], loss_type),
-                          _scores(total[half:], tokens[half:], loss_type),
-                          _scores(ref_total[:half], ref_tokens[:half], loss_type),
-                          _scores(ref_total[half:], ref_tokens[half:], loss_type),
+        losses = dpo_loss(preference_scores(total[:half], tokens[:half], loss_type),
+                          preference_scores(total[half:], tokens[half:], loss_type),
+                          preference_scores(ref_total[:half], ref_tokens[:half], loss_type),
+                          preference_scores(ref_total[half:], ref_tokens[half:], loss_type),
                           beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         with torch.no_grad():
             reward_c = dpo_implicit_rewards(total[:half], ref_total[:half], beta)

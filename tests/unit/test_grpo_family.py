@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_engines import _samples
 
 from hpcalign.algorithms import group_advantages, kl_estimate
 from hpcalign.config.load import load_config
@@ -31,14 +32,6 @@ def _engines(path: str):
     policy = build_training_engine("torch", path, cfg, device=torch.device("cpu"),
                                    optimizer=OptimizerSpec(lr=3e-2, grad_clip=1.0))
     return policy, build_training_engine("torch", path, cfg, device=torch.device("cpu"))
-
-
-def _samples(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    prompts = [np.array([1, *rng.integers(4, 30, size=rng.integers(2, 6))]) for _ in range(n)]
-    completions = [rng.integers(4, 30, size=rng.integers(1, 7)) for _ in range(n)]
-    old = [rng.normal(-3.0, 0.3, size=len(c)).astype(np.float32) for c in completions]
-    return prompts, completions, old
 
 
 def test_defaults_are_grpo_and_bad_combinations_are_refused_by_key():
