@@ -26,14 +26,12 @@ HELP = "add reward functions' scores to existing rollout shards (no regeneration
 
 
 def _reward_specs(overrides: list[str]) -> list[str]:
-    """The `reward.functions` of the key=value overrides (validated like a run's)."""
+    """The `reward.functions` of the key=value overrides (the only key rescore takes)."""
     from omegaconf import OmegaConf
 
-    allowed = {"reward.functions"}
-    specs: list[str] = []
     for item in overrides:
         key, sep, _ = item.partition("=")
-        if not sep or key.strip() not in allowed:
+        if not sep or key.strip() != "reward.functions":
             raise UserError(f"{item!r}: rescore takes reward.functions=[module:function, ...]")
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist(overrides)).get("reward", {})
@@ -46,8 +44,7 @@ def _reward_specs(overrides: list[str]) -> list[str]:
             isinstance(f, str) and f for f in functions):
         raise UserError(f"reward.functions={functions!r}: expected a non-empty list of "
                         "'module:function' or built-in names")
-    specs.extend(functions)
-    return specs
+    return functions
 
 
 def main(argv: list[str]) -> int:

@@ -180,16 +180,16 @@ def concat_rollouts(parts: Sequence[ScoredRollouts], *, max_groups: int,
                     attrs: Mapping[str, str | int | float]) -> ScoredRollouts:
     """The parts' samples in order as one batch, cut after `max_groups` groups; the first
     part's step, version and rank; `attrs` added (what the refill did)."""
-    samples = [(p, i) for p in parts for i in range(len(p.batch))]
-    groups: list[int] = []
+    groups: set[int] = set()
     kept = []
-    for part, i in samples:
-        row = int(part.batch.prompt_ids[i])
-        if row not in groups:
-            if len(groups) == max_groups:
-                continue
-            groups.append(row)
-        kept.append((part, i))
+    for part in parts:
+        for i in range(len(part.batch)):
+            row = int(part.batch.prompt_ids[i])
+            if row not in groups:
+                if len(groups) == max_groups:
+                    continue
+                groups.add(row)
+            kept.append((part, i))
     first = parts[0].batch
     flat = RolloutBatch(
         step=first.step, policy_version=first.policy_version, generator_rank=first.generator_rank,
