@@ -373,29 +373,105 @@ class NamedWeightSender:
         Returns when every bucket is sent: the caller may then change the tensors.
         """
         tensors = self._tensors()
-        # NOTE: two staging buffers, so bucket k+1 is flattened while bucket k is on the
-        # wire (async broadcast): on a 2-core CPU machine this took the named sync from
-        # 1.5-2.1x a raw broadcast of the same buckets to 1.03-1.2x with 6 or more
-        # buckets (docs/benchmarks.md); the first bucket's flatten stays exposed.
-        # With NCCL, wait() orders the current stream after the broadcast, so the copy
-        # into a reused buffer cannot overtake it.
-        works: list[dist.Work | None] = [None, None]
-        for k, bucket in enumerate(self._buckets):
-            if not bucket.numel:
-                continue
-            slot = k % 2
-            if works[slot] is not None:
-                works[slot].wait()  # that buffer's previous bucket has left
-            parts = [tensors[i].detach() for i in bucket.indices]
-            if len(parts) == 1 and parts[0].is_contiguous():
-                flat = parts[0].view(-1)  # a lone tensor goes as is: no copy
-            else:
-                flat = self._staging[slot][:bucket.nbytes].view(bucket.dtype)
-                torch.cat([p.reshape(-1) for p in parts], out=flat)
-            works[slot] = dist.broadcast(flat, src=self.src, group=self.group, async_op=True)
-        for work in works:
-            if work is not None:
-                work.wait()
+        _send_buckets(self._buckets, lambda bucket: [tensors[i] for i in bucket.indices],
+                      self._staging, self.src, self.group)
+
+
+def _send_buckets(buckets: Sequence[Bucket], parts_of: Callable[[Bucket], list[torch.Tensor]],
+                  staging: list[torch.Tensor], src: int, group: dist.ProcessGroup | None) -> None:
+    """Broadcast each bucket's tensors (`parts_of(bucket)`, asked for in bucket order) as
+    one flat buffer, two buckets in flight."""
+    # NOTE: two staging buffers, so bucket k+1 is flattened while bucket k is on the
+    # wire (async broadcast): on a 2-core CPU machine this took the named sync from
+    # 1.5-2.1x a raw broadcast of the same buckets to 1.03-1.2x with 6 or more
+    # buckets (docs/benchmarks.md); the first bucket's flatten stays exposed.
+    # With NCCL, wait() orders the current stream after the broadcast, so the copy
+    # into a reused buffer cannot overtake it. `held` keeps a lone tensor sent as is
+    # alive until its broadcast is done (a streamed one has no other owner).
+    works: list[dist.Work | None] = [None, None]
+    held: list[torch.Tensor | None] = [None, None]
+    for k, bucket in enumerate(buckets):
+        parts = [tensor.detach() for tensor in parts_of(bucket)]
+        if not bucket.numel:
+            continue
+        slot = k % 2
+        if works[slot] is not None:
+            works[slot].wait()  # that buffer's previous bucket has left
+        if len(parts) == 1 and parts[0].is_contiguous():
+            flat = parts[0].view(-1)  # a lone tensor goes as is: no copy
+        else:
+            flat = staging[slot][:bucket.nbytes].view(bucket.dtype)
+            torch.cat([p.reshape(-1) for p in parts], out=flat)
+        held[slot] = flat
+        works[slot] = dist.broadcast(flat, src=src, group=group, async_op=True)
+    for work in works:
+        if work is not None:
+            work.wait()
+
+
+class StreamedWeightSender:
+    """Send named tensors that are produced one after another (the trainer side of a
+    sharded engine): the spec is known before any tensor exists, and each tensor needs
+    to live only until its bucket is on the wire.
+
+    `spec` lists (name, shape, dtype) in send order; `stream()` yields (name, tensor) in
+    exactly that order, once per sync (a generator that gathers the next layer when asked).
+    Receivers are `NamedWeightReceiver`s: the wire format (spec, then the spec's buckets)
+    is `NamedWeightSender`'s.
+
+        sender = StreamedWeightSender(engine.hf_weight_spec(), engine.hf_weight_stream,
+                                      bucket_mb=64, src=0, group=g)
+        sender.sync()
+    """
+
+    def __init__(self, spec: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                 stream: Callable[[], Iterable[tuple[str, torch.Tensor]]], bucket_mb: float,
+                 src: int = 0, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        if not spec:
+            raise ValueError("weight sync: the sender has no tensors to send")
+        self.spec = WeightSpec(tuple(TensorSpec(name, tuple(int(d) for d in shape), dtype)
+                                     for name, shape, dtype in spec),
+                               max(1, int(bucket_mb * 1024 * 1024)))
+        self._stream = stream
+        self.src = src
+        self.group = group
+        self.device = torch.device(device)
+        self._buckets = self.spec.buckets()
+        self._sent_spec = False
+        size = max((b.nbytes for b in self._buckets if len(b.indices) > 1), default=0)
+        self._staging = [torch.empty(size, dtype=torch.uint8, device=self.device)
+                         for _ in range(2)]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Broadcast one version (the spec first, at the first sync); collective with the
+        receivers, and with whatever ranks `stream` gathers from."""
+        if not self._sent_spec:
+            _broadcast_spec(self.spec, self.src, self.group, self.device)
+            self._sent_spec = True
+        stream = iter(self._stream())
+        specs = self.spec.tensors
+
+        def parts_of(bucket: Bucket) -> list[torch.Tensor]:
+            parts = []
+            for index in bucket.indices:
+                expected = specs[index]
+                name, tensor = next(stream, (None, None))
+                if tensor is None or (name, tuple(tensor.shape), tensor.dtype) != (
+                        expected.name, expected.shape, expected.dtype):
+                    got = "nothing" if tensor is None else \
+                        f"{name!r} {tuple(tensor.shape)} {tensor.dtype}"
+                    raise ValueError(f"weight sync: the stream gave {got} where the spec has "
+                                     f"{expected.name!r} {expected.shape} {expected.dtype}")
+                parts.append(tensor)
+            return parts
+
+        _send_buckets(self._buckets, parts_of, self._staging, self.src, self.group)
+        extra = next(stream, None)
+        if extra is not None:
+            raise ValueError(f"weight sync: the stream gave {extra[0]!r} after the "
+                             f"{len(specs)} tensors of the spec")
 
 
 class NamedWeightReceiver:

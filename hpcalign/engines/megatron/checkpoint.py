@@ -12,6 +12,10 @@ A training checkpoint `RUN_DIR/checkpoints/step-N/` holds `model/` (HF format, a
 engine's, so `hpcalign rollout` and vLLM read it), `megatron/` (model + optimizer as a
 dist checkpoint: resume at another TP/PP reshards) and `state.json`.
 
+Every function here is collective over megatron's world (the trainer ranks of a run) and
+runs inside `parallel.megatron_world()`: dist_checkpointing's barriers and object
+collectives take the default group.
+
 NOTE: `dist_checkpointing.load` runs `torch.load` on `common.pt` (megatron's format):
 load only checkpoints you wrote.
 """
@@ -27,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from hpcalign.durable import fsync_dir
+from hpcalign.engines.megatron.parallel import megatron_world
 from hpcalign.errors import UserError
 from hpcalign.launch.rundir import checkpoint_dir, list_checkpoints
 from hpcalign.models.hf import copy_model_files
@@ -50,6 +55,7 @@ def read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
+@megatron_world()
 def save_dist_checkpoint(model: Any, out_dir: str, meta: dict[str, Any],
                          source_dir: str | None) -> None:
     """The model as a megatron dist checkpoint in `out_dir` (collective: every rank)."""
@@ -72,6 +78,7 @@ def save_dist_checkpoint(model: Any, out_dir: str, meta: dict[str, Any],
     dist.barrier()
 
 
+@megatron_world()
 def load_dist_checkpoint(model: Any, path: str) -> None:
     """Load a dist checkpoint into `model` (this rank's shard of any layout)."""
     from megatron.core import dist_checkpointing
@@ -93,6 +100,7 @@ def _results_queue_without_spawn() -> None:
         filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
+@megatron_world()
 def save_training_checkpoint(engine: Any, run_dir: str, step: int, state: dict[str, Any],
                              keep: int) -> str:
     """`RUN_DIR/checkpoints/step-N/`: HF model, megatron model + optimizer, state.json.
@@ -127,6 +135,7 @@ def save_training_checkpoint(engine: Any, run_dir: str, step: int, state: dict[s
     return final
 
 
+@megatron_world()
 def load_training_checkpoint(engine: Any, run_dir: str, step: int) -> dict[str, Any]:
     """Restore model + optimizer of checkpoint `step` (any saving layout); its state."""
     from megatron.core import dist_checkpointing

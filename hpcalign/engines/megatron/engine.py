@@ -11,6 +11,7 @@ otherwise); per-token log-probs come from the vocabulary-sharded logits (`logpro
                                           tp=2, pp=1)
     result = engine.train_step(micro_batches, loss_fn, temperature=1.0)
     engine.named_weights()   # HF names, whole tensors, on every rank
+    engine.weight_sender(bucket_mb=64, src=0, group=g).sync()  # layer by layer to rank 0
 
 Conventions are the torch engine's (`engines/torch_training.py`), so the roles cannot tell
 them apart: losses are normalised for the global batch by `loss_fn` and summed (megatron's
@@ -20,10 +21,14 @@ with weight decay on every parameter, global-norm clipping.
 On CPU: `compat.apply()` first (FACTS.md). The distributed optimizer is not used: its
 checkpoint format does not work on CPU (FACTS.md); `use_distributed_optimizer` stays off.
 
-TODO (issue 10, not done yet): the trainer role still builds the torch engine; running
-this engine beside generator ranks needs its groups over a subset of the world
-(`ProcessGroupCollection`), and the resharding weight sync sends per layer instead of
-`named_weights()`'s whole tensors.
+Beside generator ranks (a run): megatron's world is the trainer ranks, world ranks
+0..trainer.ranks-1 (`parallel.megatron_world`, which every method that enters megatron
+runs inside). Only the trainer ranks together hold the model, so the weight sync, the HF
+export (`save_model`), checkpoints and the greedy-eval copy (`generation_view`) are
+collective over them (`collective_weights`): each sends its shards unit by unit (the
+embedding, one layer, the head) to world rank 0, which hands them on as HF-named tensors
+(`parallel.hf_stream`), never holding more than a layer beyond its own shard, except where
+a whole copy is the point (one safetensors file, the eval copy).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial, wraps
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,6 +45,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from hpcalign.comm.weights import WeightSpec
 from hpcalign.engines.base import LossFn, OptimizerSpec, TrainStepResult
 from hpcalign.engines.megatron import compat
 from hpcalign.engines.megatron import weights as W
@@ -57,9 +63,11 @@ from hpcalign.engines.megatron.parallel import (
     broadcast_from_last_stage,
     ensure_world,
     global_state,
+    hf_stream,
     init_model_parallel,
+    megatron_world,
+    set_trainer_world,
 )
-from hpcalign.errors import UserError
 from hpcalign.models.hf import copy_model_files, eos_token_ids, load_tokenizer, padding_id
 from hpcalign.models.logprobs import pack_sequences
 
@@ -75,8 +83,21 @@ def _hf_weights(model_dir: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _in_megatron_world(method: Callable) -> Callable:
+    """Run `method` with megatron's world as the default group (`parallel.megatron_world`)."""
+    @wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with megatron_world():
+            return method(*args, **kwargs)
+    return wrapper
+
+
 class MegatronTrainingEngine:
     """This rank's shard of one megatron GPT model; trains when built with an optimizer."""
+
+    # the weights are sharded over the trainer ranks: named_weights, save_model,
+    # save_checkpoint, generation_view and the weight sender need every trainer rank
+    collective_weights = True
 
     def __init__(self, model: Any, shape: GptShape, padded_vocab: int, ranks: Ranks,
                  tokenizer: Any, source_dir: str, dtype: torch.dtype,
@@ -93,6 +114,8 @@ class MegatronTrainingEngine:
         self.spec = optimizer
         self.model: Any = model  # what the schedules run: DDP-wrapped when training
         self.optimizer: Any = None
+        self._view: Any = None  # generation_view's HF copy (rank 0), and its loader
+        self._view_loader: Any = None
         if optimizer is None:
             model.requires_grad_(False)
             model.eval()
@@ -132,16 +155,16 @@ class MegatronTrainingEngine:
         trainer = getattr(cfg, "trainer", None)
         tp = tp or getattr(trainer, "tp", 1)
         pp = pp or getattr(trainer, "pp", 1)
-        dtype = _DTYPES[cfg.model.dtype]
         ensure_world()
-        expected = getattr(trainer, "ranks", dist.get_world_size())
-        if dist.get_world_size() != expected:
-            # megatron's parallel state spans the whole world: beside generator ranks its
-            # groups would take them in (see the TODO in the module docstring)
-            raise UserError(f"trainer.backend=megatron needs the {expected} trainer ranks to "
-                            f"be the whole torch.distributed world (it has "
-                            f"{dist.get_world_size()}); a run with generator ranks is not "
-                            "supported yet")
+        # a run: trainers are world ranks 0..trainer.ranks-1, generators the rest
+        set_trainer_world(getattr(trainer, "ranks", None))
+        with megatron_world():
+            return cls._build(model_dir, cfg, optimizer, tp, pp)
+
+    @classmethod
+    def _build(cls, model_dir: str, cfg: Any, optimizer: OptimizerSpec | None, tp: int,
+               pp: int) -> MegatronTrainingEngine:
+        dtype = _DTYPES[cfg.model.dtype]
         ranks = init_model_parallel(tp, pp, seed=int(getattr(cfg, "seed", 1234)))
         if is_megatron_checkpoint(model_dir):
             meta = read_meta(model_dir)
@@ -235,6 +258,7 @@ class MegatronTrainingEngine:
                               tp_rank=self.ranks.tp_rank, with_entropy=with_entropy)
 
     @torch.no_grad()
+    @_in_megatron_world
     def logprobs(self, batch: dict[str, torch.Tensor], *, temperature: float,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logp, entropy) [B, T] float32 without gradients, on every rank."""
@@ -256,6 +280,7 @@ class MegatronTrainingEngine:
             entropy = broadcast_from_last_stage(entropy.contiguous(), self.ranks)
         return logp, entropy
 
+    @_in_megatron_world
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]], loss_fn: LossFn, *,
                    temperature: float, with_entropy: bool = False,
                    after_backward: Callable[[], None] | None = None) -> TrainStepResult:
@@ -309,20 +334,63 @@ class MegatronTrainingEngine:
         return totals
 
     # ------------------------------------------------------------ weights and state
+    @property
+    def data_parallel(self) -> tuple[int, int, Any]:
+        """(DP size, this rank's DP index, DP group): how a step's samples split over
+        the trainer ranks (TP and PP peers take the same samples)."""
+        from megatron.core import parallel_state as ps
+
+        return self.ranks.dp, self.ranks.dp_rank, ps.get_data_parallel_group()
+
+    def _local_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.module.state_dict().items() if "_extra_state" not in k}
+
+    @_in_megatron_world
     def global_state(self) -> dict[str, torch.Tensor]:
         """The whole global megatron state dict (TP x PP gathered) on every rank."""
-        local = {k: v for k, v in self.module.state_dict().items() if "_extra_state" not in k}
-        return global_state(local, self.shape, self.padded_vocab, self.ranks)
+        return global_state(self._local_state(), self.shape, self.padded_vocab, self.ranks)
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Whole weights under HF names (vocabulary padding cut off; a tied head once)."""
+        """Whole weights under HF names (vocabulary padding cut off; a tied head once), on
+        every rank (collective; tests and small models: a run sends `hf_weight_stream`)."""
         return list(W.global_to_hf(self.global_state(), self.shape).items())
 
+    def hf_weight_spec(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(HF name, shape, dtype) of every tensor `hf_weight_stream` yields, in its order,
+        from the mapping itself on shapes alone (meta tensors: nothing gathered)."""
+        sizes = W.global_shapes(self.shape, self.padded_vocab)
+        spec = []
+        for _stage, names in W.sync_units(self.shape, self.ranks.pp):
+            meta = {n: torch.empty(sizes[n], dtype=self.dtype, device="meta") for n in names}
+            spec += [(name, tuple(t.shape), t.dtype)
+                     for name, t in W.unit_to_hf(meta, names, self.shape).items()]
+        return spec
+
+    def hf_weight_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named whole tensors on world rank 0, unit by unit (`parallel.hf_stream`);
+        every trainer rank must run it to the end at the same time."""
+        with torch.no_grad():
+            yield from hf_stream(self._local_state(), self.shape, self.padded_vocab, self.ranks)
+
+    def weight_sender(self, bucket_mb: float, src: int = 0, group: Any = None) -> Any:
+        """The weight sync's sending side, `.sync()` on every trainer rank: rank `src`
+        (world rank 0) broadcasts the streamed HF tensors to `group` in coalesced buckets
+        (`comm.weights.StreamedWeightSender`: `NamedWeightReceiver`s receive them), the
+        other trainer ranks send it their shards."""
+        from hpcalign.comm.weights import StreamedWeightSender
+
+        if dist.get_rank() != src:
+            return _StreamDriver(self)
+        return StreamedWeightSender(self.hf_weight_spec(), self.hf_weight_stream, bucket_mb,
+                                    src=src, group=group, device=self.device)
+
+    @_in_megatron_world
     def save_model(self, out_dir: str) -> None:
         """An HF directory (safetensors + the input's tokenizer/config files) from rank 0.
 
-        Every rank must call it (the gather is collective)."""
-        named = {name: tensor.cpu() for name, tensor in self.named_weights()}
+        Every trainer rank must call it (the gather is collective); `out_dir` counts on
+        rank 0 only, which holds the whole model once to write one file."""
+        named = {name: tensor.cpu() for name, tensor in self.hf_weight_stream()}
         if dist.get_rank() == 0:
             os.makedirs(out_dir, mode=0o700, exist_ok=True)
             save_file(named, os.path.join(out_dir, "model.safetensors"),
@@ -331,6 +399,7 @@ class MegatronTrainingEngine:
         dist.barrier()
 
     def save_checkpoint(self, run_dir: str, step: int, state: dict[str, Any], keep: int) -> str:
+        """Collective over the trainer ranks; rank 0's `state` is written."""
         if self.optimizer is None:
             raise RuntimeError("a frozen engine has no training state to checkpoint")
         return save_training_checkpoint(self, run_dir, step, state, keep)
@@ -341,22 +410,49 @@ class MegatronTrainingEngine:
         return load_training_checkpoint(self, run_dir, step)
 
     def generation_view(self) -> Any:
-        """A torch sampler over an HF copy of the current weights (greedy evaluation).
+        """A torch sampler over an HF copy of the current weights on world rank 0 (greedy
+        evaluation), None on the other ranks. Collective over the trainer ranks: the copy
+        is made once and refreshed in place, unit by unit, at every call.
 
-        TODO: a copy, made on every call and whole on every rank; a megatron-native
-        sampler would sample from the shards.
+        TODO: a megatron-native sampler would sample from the shards without a copy.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from hpcalign.comm.weights import load_into_module
 
-        from hpcalign.engines.torch_generation import TorchGenerationEngine
+        if dist.get_rank() != 0:
+            for _ in self.hf_weight_stream():
+                pass
+            return None
+        if self._view is None:
+            from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(self.source_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        model.load_state_dict(dict(self.named_weights()), strict=not self.shape.tied)
-        if self.shape.tied:
-            model.tie_weights()
-        return TorchGenerationEngine(model.eval(), self.tokenizer, autocast_mode="none",
-                                     eos_ids=self.eos_token_ids, pad_id=self.pad_token_id)
+            from hpcalign.engines.torch_generation import TorchGenerationEngine
+
+            config = AutoConfig.from_pretrained(self.source_dir, local_files_only=True)
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            if self.shape.tied:
+                model.tie_weights()
+            self._view = TorchGenerationEngine(model.eval(), self.tokenizer,
+                                               autocast_mode="none", eos_ids=self.eos_token_ids,
+                                               pad_id=self.pad_token_id)
+            self._view_loader = load_into_module(model)
+            self._view_loader.check_spec(WeightSpec.of(
+                [(n, torch.empty(s, dtype=d, device="meta")) for n, s, d in
+                 self.hf_weight_spec()], 1))
+        for name, tensor in self.hf_weight_stream():
+            self._view_loader([(name, tensor)])
+        return self._view
+
+
+class _StreamDriver:
+    """A trainer rank other than the sender: its part of every sync is sending its
+    shards on (the stream yields nothing here)."""
+
+    def __init__(self, engine: MegatronTrainingEngine) -> None:
+        self.engine = engine
+
+    def sync(self) -> None:
+        for _ in self.engine.hf_weight_stream():
+            pass
 
 
 def _last_stage_rank() -> int:

@@ -91,27 +91,79 @@ def hf_to_global(hf: Mapping[str, torch.Tensor], shape: GptShape, padded_vocab: 
     return out
 
 
+def _layer_to_hf(mg: Mapping[str, torch.Tensor], layer: int, shape: GptShape) -> Tensors:
+    """Global layer `layer`'s megatron tensors -> its HF tensors (QKV split, gate/up split)."""
+    src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+    out: Tensors = {}
+    for name, hf_name in _ONE_TO_ONE.items():
+        out[dst + hf_name] = mg[src + name]
+    q, k, v = _split_qkv(mg[src + "self_attention.linear_qkv.weight"], shape)
+    out.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
+                dst + "self_attn.v_proj.weight": v})
+    if shape.qkv_bias:
+        q, k, v = _split_qkv(mg[src + "self_attention.linear_qkv.bias"], shape)
+        out.update({dst + "self_attn.q_proj.bias": q, dst + "self_attn.k_proj.bias": k,
+                    dst + "self_attn.v_proj.bias": v})
+    gate, up = torch.chunk(mg[src + "mlp.linear_fc1.weight"], 2)
+    out.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up})
+    return out
+
+
 def global_to_hf(mg: Mapping[str, torch.Tensor], shape: GptShape) -> Tensors:
     """Global megatron state dict -> HF names (vocabulary padding cut off; tied head once)."""
     out: Tensors = {"model.embed_tokens.weight":
                     mg["embedding.word_embeddings.weight"][: shape.vocab],
                     "model.norm.weight": mg["decoder.final_layernorm.weight"]}
     for layer in range(shape.layers):
-        src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        for name, hf_name in _ONE_TO_ONE.items():
-            out[dst + hf_name] = mg[src + name]
-        q, k, v = _split_qkv(mg[src + "self_attention.linear_qkv.weight"], shape)
-        out.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                    dst + "self_attn.v_proj.weight": v})
-        if shape.qkv_bias:
-            q, k, v = _split_qkv(mg[src + "self_attention.linear_qkv.bias"], shape)
-            out.update({dst + "self_attn.q_proj.bias": q, dst + "self_attn.k_proj.bias": k,
-                        dst + "self_attn.v_proj.bias": v})
-        gate, up = torch.chunk(mg[src + "mlp.linear_fc1.weight"], 2)
-        out.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up})
+        out.update(_layer_to_hf(mg, layer, shape))
     if not shape.tied:
         out["lm_head.weight"] = mg["output_layer.weight"][: shape.vocab]
     return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def unit_to_hf(mg: Mapping[str, torch.Tensor], names: list[str], shape: GptShape) -> Tensors:
+    """One unit of `sync_units` (its global megatron tensors in `mg`) -> its HF tensors,
+    by the same mapping as `global_to_hf` (which is these units put together)."""
+    out: Tensors = {}
+    layers: list[int] = []
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            if int(match.group(1)) not in layers:
+                layers.append(int(match.group(1)))
+        elif name == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = mg[name][: shape.vocab]
+        elif name == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = mg[name]
+        elif name == "output_layer.weight":
+            out["lm_head.weight"] = mg[name][: shape.vocab]
+        else:
+            raise KeyError(f"no HF name for megatron tensor {name!r}")
+    for layer in layers:
+        out.update(_layer_to_hf(mg, layer, shape))
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def sync_units(shape: GptShape, pp: int) -> list[tuple[int, list[str]]]:
+    """The model as (PP stage, global megatron names) units, the order weights travel in:
+    the embedding, one unit per layer, then the final norm (and an untied head). A unit is
+    what a rank holds whole at a time when the model is sent or saved layer by layer."""
+    units: list[tuple[int, list[str]]] = []
+    for stage in range(pp):
+        current: list[str] = []
+        key: object = None
+        for name in global_names_of_stage(shape, pp, stage):
+            match = _LAYER.match(name)
+            unit_key = int(match.group(1)) if match else (
+                "embedding" if name.startswith("embedding.") else "final")
+            if current and unit_key != key:
+                units.append((stage, current))
+                current = []
+            key = unit_key
+            current.append(name)
+        if current:
+            units.append((stage, current))
+    return units
 
 
 def _suffix(name: str) -> str:
@@ -132,6 +184,12 @@ def shard(tensor: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tenso
     if suffix in _ROW_PARALLEL:
         return torch.chunk(tensor, tp, dim=1)[tp_rank]
     return tensor  # norms: replicated
+
+
+def tp_split(name: str) -> bool:
+    """Whether tensor `name` is split over TP ranks (else every TP rank holds it whole)."""
+    suffix = _suffix(name)
+    return suffix == "mlp.linear_fc1.weight" or suffix in _COLUMN_PARALLEL + _ROW_PARALLEL
 
 
 def unshard(shards: list[torch.Tensor], name: str) -> torch.Tensor:
