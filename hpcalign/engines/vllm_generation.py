@@ -1,4 +1,4 @@
-"""The vLLM generation engine: a `vllm.LLM` per generator rank, fed new weights in place.
+"""The vLLM generation engine: a `vllm.LLM` per generator rank or TP group, new weights in place.
 
 Same interface as `engines/torch_generation.py` (`generator.backend: vllm`), so shards,
 rewards and trainers do not know which engine sampled. What maps where:
@@ -24,13 +24,25 @@ rewards and trainers do not know which engine sampled. What maps where:
   (names in the HF checkpoint layout). Never by writing into parameters: on CPU vLLM's
   linear layers keep pre-packed copies that would stay stale (FACTS.md).
 
-In-process: tensor_parallel_size 1 runs vLLM in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
-the `uni` executor), which is what passes tensors to `reload_weights` without pickling.
+In-process, for every TP size (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), which is what passes
+tensors to `reload_weights` without pickling. In a run, vLLM's external-launcher executor
+(as verl and TRL's colocate mode use it), which puts the worker on this rank's device
+(LOCAL_RANK): tensor_parallel_size 1, one engine per generator rank; N > 1, the N
+consecutive generator ranks of a group (`RolePlacement.tp_group`) each build the same `LLM`
+(same arguments, same seed), each holds one TP worker, and vLLM's collectives run over
+torch.distributed between them. Outside a run (tests, `hpcalign rollout`): the `uni`
+executor, TP 1 only. TRL's
+convention for the data: every rank of a group brings its own rows to `generate`, the group
+all-gathers them, runs them through the engine in one call (every rank must call, with
+equal requests: scheduling is deterministic, so all ranks see the same outputs) and each
+rank keeps its own rows' outputs. So generator i still samples its own rows with its own
+seeds and writes its own shard, exactly as with TP 1; only the engine is shared.
+
 Inside an hpcalign rank torch.distributed is already the whole run's world (trainers +
 generators), and vLLM, finding it initialised, would build its groups over that world:
-collective calls the trainer ranks never join (a hang). `_vllm_world_of_this_rank` makes
-vLLM see a world of this rank alone while it builds, with its groups created over this
-rank only (`use_local_synchronization`), and leaves the run's world as it was.
+collective calls the trainer ranks never join (a hang). `_vllm_world` makes vLLM see a world
+of the group's ranks alone while it builds, its groups created over those ranks only
+(`use_local_synchronization`), and leaves the run's world as it was.
 
     engine = VllmGenerationEngine.build(model_dir, cfg, device=torch.device("cpu"))
     out = engine.generate([[1, 4, 5]] * 8, SamplingParams(max_new_tokens=16), seed=7)
@@ -72,42 +84,81 @@ def request_seed(seed: int, index: int) -> int:
 
 
 @contextlib.contextmanager
-def _vllm_world_of_this_rank() -> Iterator[None]:
-    """While vLLM builds: torch.distributed looks like a world of this rank alone.
+def _vllm_world(members: Sequence[int], device: torch.device) -> Iterator[None]:
+    """While vLLM builds: torch.distributed looks like a world of the world ranks `members`.
 
-    vLLM reads the world from `torch.distributed.get_world_size()/get_rank()` and creates
-    its groups with `torch.distributed.new_group(ranks)` over vLLM-local ranks (here [0]),
-    a call every rank of the default group must join. Inside the window those three
-    answer for a one-rank world and create the group over this rank only, with local
-    synchronisation (no other rank takes part). torch's own internals call their module's
-    functions, not these attributes, so the run's world is untouched. Nothing to do when
-    torch.distributed is not initialised: vLLM then starts its own one-rank world.
+    vLLM reads its world from `torch.distributed.get_world_size()`, lays its groups over
+    `range(world_size)` (`initialize_model_parallel`: TP groups of consecutive ranks) and
+    creates each with `torch.distributed.new_group(ranks)`, a call every rank of the default
+    group must join. Inside the window: the world size is `len(members)`, vLLM's group rank
+    lists are mapped onto `members` (its `init_world_group` / `init_model_parallel_group`),
+    and `new_group` synchronises only the group's own ranks (`use_local_synchronization`),
+    so no trainer takes part. `get_rank()` stays the world rank: vLLM's `GroupCoordinator`
+    stores real world ranks and passes them as `src`/`dst` of broadcasts and gathers
+    (e.g. `CpuCommunicator.gather(dst=self.ranks[dst])`), which torch maps with the group's
+    own table. torch's internals call their module's functions, not these attributes, so the
+    run's world is untouched; everything is restored after the build.
+
+    Also sets, for the window, what vLLM's external-launcher executor reads: RANK (the rank
+    inside `members`) and LOCAL_RANK (the CUDA device index: vLLM uses `cuda:LOCAL_RANK`).
+    Nothing to do when torch.distributed is not initialised (tests, `hpcalign rollout`):
+    vLLM then starts its own one-rank world (tensor_parallel_size 1 only).
     """
     if not dist.is_initialized():
         yield
         return
+    from vllm.distributed import parallel_state
+
+    members = [int(r) for r in members]
     me = dist.get_rank()
-    real = {name: getattr(dist, name) for name in ("get_world_size", "get_rank", "new_group")}
+    if me not in members:
+        raise ValueError(f"world rank {me} is not one of its vLLM group's ranks {members}")
+    real = {name: getattr(dist, name) for name in ("get_world_size", "new_group")}
+    real_groups = {name: getattr(parallel_state, name)
+                   for name in ("init_world_group", "init_model_parallel_group")}
+
+    def world_ranks(ranks: Sequence[int]) -> list[int]:
+        return [members[int(r)] for r in ranks]
 
     def get_world_size(group: Any = None) -> int:
-        return 1 if group is None else real["get_world_size"](group)
-
-    def get_rank(group: Any = None) -> int:
-        return 0 if group is None else real["get_rank"](group)
+        return len(members) if group is None else real["get_world_size"](group)
 
     def new_group(ranks: Sequence[int] | None = None, *args: Any, **kwargs: Any) -> Any:
-        if ranks is not None and list(ranks) != [0]:
-            raise RuntimeError(f"vLLM asked for a process group over ranks {list(ranks)}; "
-                               f"in an hpcalign rank it runs alone (tensor_parallel_size=1)")
+        if ranks is None or not set(ranks) <= set(members):
+            raise RuntimeError(f"vLLM asked for a process group over world ranks {ranks}; "
+                               f"in an hpcalign rank it runs over {members} only")
         kwargs["use_local_synchronization"] = True
-        return real["new_group"]([me], *args, **kwargs)
+        return real["new_group"](list(ranks), *args, **kwargs)
 
-    dist.get_world_size, dist.get_rank, dist.new_group = get_world_size, get_rank, new_group
+    def init_world_group(ranks: list[int], local_rank: int, backend: str) -> Any:
+        return real_groups["init_world_group"](world_ranks(ranks), local_rank, backend)
+
+    def init_model_parallel_group(group_ranks: list[list[int]], local_rank: int, backend: str,
+                                  *args: Any, **kwargs: Any) -> Any:
+        return real_groups["init_model_parallel_group"](
+            [world_ranks(ranks) for ranks in group_ranks], local_rank, backend, *args, **kwargs)
+
+    index = members.index(me)
+    env = {"RANK": str(index),
+           "LOCAL_RANK": str(device.index if device.type == "cuda" and device.index is not None
+                             else index)}
+    saved_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    dist.get_world_size, dist.new_group = get_world_size, new_group
+    parallel_state.init_world_group = init_world_group
+    parallel_state.init_model_parallel_group = init_model_parallel_group
     try:
         yield
     finally:
         for name, function in real.items():
             setattr(dist, name, function)
+        for name, function in real_groups.items():
+            setattr(parallel_state, name, function)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _model_eos_ids(model_dir: str, tokenizer: Any) -> tuple[int, ...]:
@@ -123,12 +174,14 @@ def _model_eos_ids(model_dir: str, tokenizer: Any) -> tuple[int, ...]:
 
 
 class VllmGenerationEngine:
-    """Sampling with a `vllm.LLM` in this process (CPU build or one GPU; TP>1 on GPUs)."""
+    """Sampling with a `vllm.LLM` in this process: the whole model (TP 1) or this rank's
+    tensor-parallel shard of an engine that a group of generator ranks runs together."""
 
     def __init__(self, llm: Any, tokenizer: Any, eos_ids: tuple[int, ...], *,
-                 device: torch.device, logprobs_mode: str, in_process: bool = True) -> None:
+                 device: torch.device, logprobs_mode: str,
+                 tp_group: dist.ProcessGroup | None = None) -> None:
         self.llm = llm
-        self.in_process = in_process
+        self.tp_group = tp_group  # TP > 1: the ranks sharing this engine (generate gathers)
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_ids
         self.logprobs_mode = logprobs_mode
@@ -137,15 +190,34 @@ class VllmGenerationEngine:
         self._warned_inexact = False
 
     @classmethod
-    def build(cls, model_dir: str, cfg: Config, *, device: torch.device) -> VllmGenerationEngine:
-        """A `vllm.LLM` over the HF directory `model_dir`, as `cfg.generator.vllm` says."""
+    def build(cls, model_dir: str, cfg: Config, *, device: torch.device,
+              group: Sequence[int] | None = None) -> VllmGenerationEngine:
+        """A `vllm.LLM` over the HF directory `model_dir`, as `cfg.generator.vllm` says.
+
+        tensor_parallel_size N > 1: every rank of this rank's group of N generator ranks
+        (`group`: world ranks; default: the run's placement, `RolePlacement.tp_group`) must
+        call this together, with the same config (vLLM's external-launcher executor).
+        """
         vcfg, gen = cfg.generator.vllm, cfg.generator
-        in_process = vcfg.tensor_parallel_size == 1
-        if device.type == "cpu" and not in_process:
-            raise UserError(f"generator.vllm.tensor_parallel_size={vcfg.tensor_parallel_size} "
-                            f"needs GPUs; on CPU vLLM runs one engine per rank (set it to 1)")
-        # NOTE: read by vllm.envs when the engine is made: set before, never overriding a user's
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+        tp = vcfg.tensor_parallel_size
+        members = [dist.get_rank()] if tp == 1 and dist.is_initialized() else None
+        if tp > 1:
+            if not dist.is_initialized():
+                raise UserError(f"generator.vllm.tensor_parallel_size={tp} runs one vLLM "
+                                f"engine over {tp} generator ranks of a run (hpcalign run / "
+                                f"submit); a single process takes tensor_parallel_size=1")
+            if group is None:
+                from hpcalign.plan.placement import compute_placement
+
+                group = compute_placement(cfg).generator.tp_group(dist.get_rank())
+            members = [int(r) for r in group]
+            if len(members) != tp:
+                raise ValueError(f"a vLLM group of {len(members)} ranks {members} for "
+                                 f"generator.vllm.tensor_parallel_size={tp}")
+        # NOTE: read by vllm.envs when the engine is made: set before, never overriding a
+        # user's. In-process for every TP size (TP > 1: each rank holds one TP worker, vLLM's
+        # external launcher mode), which is what passes tensors to `reload_weights` as they are.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # a fork copies our world
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per request/sync
         try:
@@ -172,22 +244,28 @@ class VllmGenerationEngine:
         kwargs: dict[str, Any] = dict(
             model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True,
             dtype=cfg.model.dtype if vcfg.dtype == "auto" else vcfg.dtype,
-            tensor_parallel_size=vcfg.tensor_parallel_size, gpu_memory_utilization=share,
+            tensor_parallel_size=tp, gpu_memory_utilization=share,
             enforce_eager=vcfg.enforce_eager, seed=cfg.seed, logprobs_mode=logprobs_mode,
             generation_config="vllm",  # our sampling settings, not the checkpoint's defaults
-            trust_remote_code=False, disable_log_stats=True)
-        if in_process:
-            kwargs["distributed_executor_backend"] = "uni"
+            trust_remote_code=False, disable_log_stats=True,
+            # in a run's world (any TP size): each rank one worker on its own device
+            # (LOCAL_RANK, `_vllm_world`); alone (tests, `hpcalign rollout`): vLLM's own
+            distributed_executor_backend="external_launcher" if members else "uni")
         if vcfg.max_model_len is not None:
             kwargs["max_model_len"] = vcfg.max_model_len
         if vcfg.kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(vcfg.kv_cache_gb * 2**30)
         if vcfg.max_num_seqs is not None:
             kwargs["max_num_seqs"] = vcfg.max_num_seqs
-        with _vllm_world_of_this_rank():
+        with _vllm_world(members, device) if members else contextlib.nullcontext():
             llm = vllm.LLM(**kwargs)
+        tp_group = None
+        if tp > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            tp_group = get_tp_group().cpu_group  # gloo, over `members`
         return cls(llm, tokenizer, eos_ids, device=device, logprobs_mode=logprobs_mode,
-                   in_process=in_process)
+                   tp_group=tp_group)
 
     @property
     def device(self) -> torch.device:
@@ -211,8 +289,6 @@ class VllmGenerationEngine:
         if sample_seeds is not None and len(sample_seeds) != len(prompt_token_ids):
             raise ValueError(f"{len(sample_seeds)} sample seeds for {len(prompt_token_ids)} "
                              f"prompts")
-        if not prompt_token_ids:
-            return GenerationOutput(token_ids=[], logprobs=[], finish_reasons=[])
         exact = (params.temperature == 1.0 if self.logprobs_mode == "raw_logprobs"
                  else params.top_p == 1.0 and params.top_k == 0)
         if not exact and not self._warned_inexact:
@@ -221,11 +297,35 @@ class VllmGenerationEngine:
                         "temperature=%s, top_p=%s, top_k=%s (the engine was built for "
                         "generator.temperature/top_p/top_k of the config; docs/vllm.md)",
                         self.logprobs_mode, params.temperature, params.top_p, params.top_k)
-        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
         seeds = ([int(s) % (2**63 - 1) for s in sample_seeds] if sample_seeds is not None
-                 else [request_seed(seed, i) for i in range(len(prompts))])
+                 else [request_seed(seed, i) for i in range(len(prompt_token_ids))])
+        prompts = [[int(t) for t in p] for p in prompt_token_ids]
+        if self.tp_group is None:
+            return self._generate(prompts, seeds, params)
+        # TP > 1: the group's ranks bring their own rows; all of them go through the shared
+        # engine in one call (every rank must call it, with equal requests: vLLM's external
+        # launcher), and each rank keeps its own rows' outputs
+        mine = (prompts, seeds, params)
+        everyone: list[Any] = [None] * dist.get_world_size(self.tp_group)
+        dist.all_gather_object(everyone, mine, group=self.tp_group)
+        if any(other[2] != params for other in everyone):
+            raise ValueError(f"the ranks of a vLLM group called generate with different "
+                             f"sampling settings: {[other[2] for other in everyone]}")
+        out = self._generate([p for other in everyone for p in other[0]],
+                             [s for other in everyone for s in other[1]], params)
+        first = sum(len(other[0]) for other in everyone[:dist.get_rank(self.tp_group)])
+        last = first + len(prompts)
+        return GenerationOutput(token_ids=out.token_ids[first:last],
+                                logprobs=out.logprobs[first:last],
+                                finish_reasons=out.finish_reasons[first:last])
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int],
+                  params: SamplingParams) -> GenerationOutput:
+        if not prompts:
+            return GenerationOutput(token_ids=[], logprobs=[], finish_reasons=[])
+        requests = [{"prompt_token_ids": p} for p in prompts]
         sampling = [self._vllm_params(params, s) for s in seeds]
-        results = self.llm.generate(prompts, sampling, use_tqdm=False)
+        results = self.llm.generate(requests, sampling, use_tqdm=False)
         tokens, logprobs, reasons = [], [], []
         for result in results:  # vLLM returns them in prompt order
             completion = result.outputs[0]
@@ -248,13 +348,8 @@ class VllmGenerationEngine:
     def _reload(self, named: list[tuple[str, torch.Tensor]]) -> None:
         if not named:
             return
-        if not self.in_process:
-            # TODO: tensors as kwargs reach vLLM's worker processes (TP>1) serialised as lists
-            # and kill the engine (FACTS.md); TP>1 needs the weights on another road (a
-            # process group from trainer 0 to the workers, as verl and OpenRLHF do)
-            raise NotImplementedError(
-                "weight sync into vLLM with generator.vllm.tensor_parallel_size > 1 is not "
-                "built yet: use tensor_parallel_size=1 (one engine per generator rank)")
+        # TP > 1: every rank of the group has the whole tensors (the sync broadcasts them to
+        # every generator rank); vLLM's weight loaders take this rank's shard of each
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
         if any(name.endswith("embed_tokens.weight") for name, _ in named):
             self.llm.collective_rpc(_refresh_tied_output_head)

@@ -1,11 +1,15 @@
 """The vLLM generation engine with the CUDA `vllm` package (`pip install -e .[gpu]`).
 
 The CPU tests' checks on a GPU: log-probs equal the torch trainer's (float32, 1e-4), the
-weight sync through vLLM's reload equals a fresh engine, and TP=2 generates when the
-machine has two GPUs. Skipped without a GPU or without vllm.
+weight sync through vLLM's reload equals a fresh engine, and, when the machine has two
+GPUs, one TP=2 engine over two generator ranks (vLLM's external launcher, as on CPU in
+tests/integration/test_vllm_tp.py). Skipped without a GPU or without vllm.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +19,9 @@ pytestmark = [pytest.mark.gpu,
 vllm = pytest.importorskip("vllm")
 
 from standins import qwen_standin  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+from test_vllm_tp import check_reports, run_world  # noqa: E402
 
 from hpcalign.comm.weights import unique_named_tensors  # noqa: E402
 from hpcalign.config.schema import Config  # noqa: E402
@@ -26,11 +33,11 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]] * 4
 PARAMS = SamplingParams(max_new_tokens=16, temperature=0.7)
 
 
-def config(model_dir: str, tp: int = 1) -> Config:
+def config(model_dir: str) -> Config:
     return Config(run_dir="unused", model={"path": model_dir}, data={"train": "unused.jsonl"},
                   reward={"functions": ["exact_match"]},
                   generator={"backend": "vllm", "temperature": 0.7,
-                             "vllm": {"tensor_parallel_size": tp, "gpu_memory_utilization": 0.3,
+                             "vllm": {"gpu_memory_utilization": 0.3,
                                       "max_model_len": 256}})
 
 
@@ -67,10 +74,9 @@ def test_logprobs_and_weight_sync_on_a_gpu(model_dir, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 needs two GPUs")
-def test_tensor_parallel_two_generates(model_dir):
-    engine = build_generation_engine("vllm", model_dir, config(model_dir, tp=2), device=GPU)
-    out = engine.generate(PROMPTS, PARAMS, seed=3)
-    assert [len(t) for t in out.token_ids] == [len(lp) for lp in out.logprobs]
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
-        engine.load_weights([])  # nothing to load is fine
-        engine.load_weights([("model.norm.weight", torch.ones(128))])
+def test_tensor_parallel_two_over_generator_ranks(model_dir, tmp_path):
+    """tests/integration/test_vllm_tp.py's engine checks on GPUs, NCCL world, rank r on GPU r:
+    trainer 0 + one TP=2 engine over ranks 1, 2 with three GPUs (the sync through
+    `NamedWeightSender`); the two engine ranks alone with two (through `load_weights`)."""
+    ranks = 3 if torch.cuda.device_count() >= 3 else 2
+    check_reports(run_world(model_dir, str(tmp_path), ranks=ranks, device_kind="cuda"))

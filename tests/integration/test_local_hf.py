@@ -196,6 +196,7 @@ def test_grpo_7b_config_starts_on_a_stand_in_with_qwen25_conventions(tmp_path):
     argv = hpcalign_argv(
         "run", os.path.join(ROOT, "configs", "grpo-7b.yaml"), f"run_dir={run_dir}",
         f"model.path={model_dir}", f"data.train={data}", "trainer.ranks=1", "generator.ranks=1",
+        "generator.backend=torch",  # the config's vLLM TP 2 needs the vLLM venv and 2 ranks
         "trainer.device=cpu", "generator.device=cpu", "comm.dist_backend=gloo",
         "generator.prompts_per_step=2", "generator.samples_per_prompt=4",
         "generator.max_new_tokens=8", "trainer.steps=2", "log.eval_every_steps=0")
