@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # vLLM's CPU build pins transformers<5.20 and numpy<2.4: it gets a venv of its own
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
-VLLM_TESTS := tests/integration/test_vllm_engine.py tests/integration/test_vllm_grpo.py
+VLLM_TESTS := tests/integration/test_vllm_engine.py tests/integration/test_vllm_grpo.py tests/integration/test_vllm_tp.py
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -67,7 +67,7 @@ cluster-down:
 	tools/slurm-test-cluster down
 
 lint: install
-	$(VENV)/bin/ruff check hpcalign tests tools
+	$(VENV)/bin/ruff check hpcalign tests tools examples
 
 bench: install
 	$(PY) tools/bench/shard_io.py

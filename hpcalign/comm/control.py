@@ -22,6 +22,8 @@ TAG_SHARD = 11  # generator -> trainers: a published shard
 TAG_CONTROL = 12  # trainer 0 -> generators: {"kind": "sync"|"stop", ...}
 TAG_RENDEZVOUS = 13  # trainer 0 -> all: torch.distributed address
 TAG_TRAINERS = 14  # trainer 0 -> other trainers: {"kind": "sft-saved", "path": ...}
+TAG_SCHEDULE = 15  # world rank 0 -> all: the flow's schedule digest (flows/api.py)
+TAG_MODEL = 16  # trainer -> an exclusive model's rank: a request (comm/model_service.py)
 
 CONTROL_KINDS = ("sync", "stop")  # what trainer 0 sends generators on TAG_CONTROL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hpcalign.config.load import load_config, peek_algorithm
+from hpcalign.flows.registry import resolve_flow
 from hpcalign.launch.local import run_local
 
 HELP = "run a job on this machine (MPMD mpiexec); resumes an existing RUN_DIR"
@@ -20,4 +21,6 @@ def main(argv: list[str]) -> int:
         from hpcalign.flows.dpo import run_dpo
 
         return run_dpo(load_config(args.config, args.overrides, root=DPOConfig))
-    return run_local(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    resolve_flow(cfg.algorithm, cfg.flow)  # a user's flow that cannot load fails here, once
+    return run_local(cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hpcalign.config.base import Section
 from hpcalign.config.slurm import SlurmConfig
@@ -119,8 +119,9 @@ class VllmConfig(Section):
     """The `vllm.LLM` of each generator rank (generator.backend=vllm; ignored otherwise)."""
 
     tensor_parallel_size: int = Field(
-        1, ge=1, description="GPUs one vLLM engine spans (1: in-process, the CPU build's only "
-        "choice; >1: vLLM's own worker processes, GPUs only).")
+        1, ge=1, description="Generator ranks (one device each) one vLLM engine spans: "
+        "generator.ranks / this engines, each over consecutive ranks (vLLM's external "
+        "launcher: each rank holds one TP shard, in its own process).")
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="Share of the device memory vLLM may take (on CPU: of "
         "the memory it sees) for weights and KV cache; null: 0.3 on CPU, 0.9 on GPUs.")
@@ -172,6 +173,15 @@ class GeneratorConfig(Section):
                 f"generator.prompts_per_step={self.prompts_per_step} must be a multiple of "
                 f"generator.ranks={self.ranks} (each generator takes whole prompt groups)"
             )
+        from hpcalign.plan.placement import generator_degrees  # the one place of TP arithmetic
+
+        tp, _ = generator_degrees(self.backend, self.ranks, self.vllm.tensor_parallel_size)
+        if tp > 1 and self.refill_rounds:
+            # TODO: the ranks of a vLLM group must call generate together, and how many
+            # refill rounds a rank samples depends on its own rewards
+            raise ValueError(f"generator.refill_rounds={self.refill_rounds} is not supported "
+                             f"with generator.vllm.tensor_parallel_size={tp} yet (the ranks "
+                             f"of an engine sample together); set refill_rounds=0")
         return self
 
 
@@ -336,12 +346,29 @@ class PPOConfig(Section):
         "may score it high, which PPO then exploits by never stopping.")
 
 
+class FrozenModelConfig(ModelConfig):
+    """A frozen model of a flow (the reference, a reward model) and where it runs."""
+
+    path: str | None = Field(  # type: ignore[assignment]
+        None, description="HF model dir (reference: null = the policy's starting weights, "
+        "after the SFT warm-up).")
+    placement: Literal["colocated", "exclusive"] = Field(
+        "colocated", description="colocated: on the trainer ranks beside the policy, running "
+        "in turn; exclusive: on ranks of its own after the generators, serving the trainers' "
+        "requests (packed batches in, per-token log-probs or scores out).")
+    ranks: int = Field(
+        1, ge=1, description="exclusive: its ranks; trainer i is served by rank i mod ranks "
+        "(so trainer.ranks must be a multiple of it).")
+    threads: int = Field(0, ge=0, description="exclusive: torch threads a rank (0: auto).")
+
+
 class ModelsConfig(Section):
     """The flow's other named models (`model` is the policy: `models.policy` is accepted)."""
 
-    reference: ModelConfig | None = Field(
-        None, description="Not used yet: the reference is the policy's starting weights.")
-    reward: ModelConfig | None = Field(
+    reference: FrozenModelConfig | None = Field(
+        None, description="The frozen reference's placement (its weights: the policy's "
+        "starting weights; `path` is not read yet).")
+    reward: FrozenModelConfig | None = Field(
         None, description="PPO: a reward model (HF sequence classification, e.g. from "
         "hpcalign train-rm); null: the reward functions' rewards.")
     value: ModelConfig | None = Field(
@@ -354,9 +381,13 @@ class Config(Section):
 
     run_dir: str = Field(..., description="Run directory on the shared filesystem.")
     seed: int = Field(1234, description="Seed of prompts, sampling and initialisation.")
-    algorithm: Literal["grpo", "online_dpo", "ppo"] = Field(
-        "grpo", description="The flow: grpo, online_dpo or ppo (offline dpo has its own "
-        "config: configs/dpo-tiny.yaml).")
+    algorithm: str = Field(
+        "grpo", description="The flow: grpo, online_dpo, ppo, or a user's by import path "
+        "'module:Flow' (hpcalign/flows/api.py); offline dpo has its own config "
+        "(configs/dpo-tiny.yaml).")
+    flow: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of a user's flow (algorithm: "
+        "'module:Flow' -> Flow(**flow)).")
     model: ModelConfig
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     dpo: DPOLossConfig = Field(default_factory=DPOLossConfig)
@@ -388,8 +419,25 @@ class Config(Section):
             data["model"], data["models"] = policy, models
         return data
 
+    @field_validator("algorithm")
+    @classmethod
+    def _flow_named(cls, value: str) -> str:
+        from hpcalign.flows.registry import BUILTIN_FLOWS, is_flow_name
+
+        if not is_flow_name(value):
+            raise ValueError(f"expected one of {', '.join(BUILTIN_FLOWS)}, dpo (its own "
+                             "config: configs/dpo-tiny.yaml) or an import path 'module:Flow'")
+        return value
+
     @model_validator(mode="after")
     def _flow_needs(self) -> Config:
+        if self.flow and self.algorithm in ("grpo", "online_dpo", "ppo"):
+            raise ValueError(f"flow={self.flow!r}: keyword arguments are for a user's flow "
+                             f"(algorithm: 'module:Flow'); algorithm={self.algorithm} takes "
+                             "its settings from its own sections (trainer, dpo, ppo)")
+        from hpcalign.plan.placement import exclusive_models  # the one place of rank arithmetic
+
+        exclusive_models(self)  # ValueError naming the model and the fix
         if self.algorithm == "online_dpo" and self.generator.samples_per_prompt < 2:
             raise ValueError(f"algorithm=online_dpo pairs completions of one prompt: "
                              f"generator.samples_per_prompt={self.generator.samples_per_prompt} "

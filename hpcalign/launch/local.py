@@ -1,7 +1,8 @@
 """Local launcher: the roles as one MPMD `mpiexec` on this machine (the embedded default).
 
 `mpiexec -n T python -m hpcalign.roles.main --role trainer RUN_DIR : -n G ... generator`
-gives one MPI world, exactly the shape of the Slurm job's `srun --mpi=pmix A : B` step.
+(`: -n R ... --role reference` for each model placed exclusive) gives one MPI world,
+exactly the shape of the Slurm job's `srun --mpi=pmix A : B` step.
 The command line is a pure function of the config (`mpiexec_command`); `run_local` runs
 it, forwards Ctrl-C as a graceful stop (SIGUSR1: checkpoint at the next step), and turns
 a dead rank into one clear line.
@@ -65,6 +66,9 @@ def mpiexec_command(cfg: Config, run_dir: str, python: str, mpiexec: str,
                      "--role", "trainer", run_dir]
     argv += [":", "-n", str(placement.generator.ranks), python, "-m", ROLE_MODULE,
              "--role", "generator", run_dir]
+    for model in placement.models:  # models.<name>.placement: exclusive, in world order
+        argv += [":", "-n", str(model.ranks), python, "-m", ROLE_MODULE, "--role", model.role,
+                 run_dir]
     return argv
 
 

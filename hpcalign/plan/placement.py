@@ -1,21 +1,31 @@
 """Placement: which world ranks hold which role, with which parallel degrees.
 
 The MPI world is always `trainer.ranks` trainers first, then `generator.ranks` generators,
-in local `mpiexec` and in the Slurm MPMD step alike; this module is the one place that
-arithmetic lives. The result is written to `RUN_DIR/plan.json` for people and tools.
+then the ranks of each model placed `exclusive` (`models.<name>.placement`, in the order
+reference, reward), in local `mpiexec` and in the Slurm MPMD step alike; this module is
+the one place that arithmetic lives. The result is written to `RUN_DIR/plan.json` for
+people and tools.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from hpcalign.config.schema import Config
+
+# The flows' frozen models that may run on ranks of their own, in world order.
+EXCLUSIVE_CAPABLE = ("reference", "reward")
 
 
 @dataclass(frozen=True)
 class RolePlacement:
-    """One role's ranks and degrees. Plain torch backends: dp = ranks, tp = pp = 1."""
+    """One role's ranks and degrees. Plain torch backends: dp = ranks, tp = pp = 1.
+
+    Generators with `generator.backend: vllm`: tp = `generator.vllm.tensor_parallel_size`,
+    dp = ranks / tp engines, each over tp consecutive ranks (`tp_group`).
+    """
 
     role: str
     first_rank: int
@@ -28,27 +38,51 @@ class RolePlacement:
     def world_ranks(self) -> list[int]:
         return list(range(self.first_rank, self.first_rank + self.ranks))
 
+    def tp_group(self, world_rank: int) -> list[int]:
+        """The world ranks of `world_rank`'s tensor-parallel group: tp consecutive ranks."""
+        if world_rank not in self.world_ranks():
+            raise ValueError(f"world rank {world_rank} is not a {self.role} rank "
+                             f"({self.first_rank}..{self.first_rank + self.ranks - 1})")
+        start = self.first_rank + (world_rank - self.first_rank) // self.tp * self.tp
+        return list(range(start, start + self.tp))
+
 
 @dataclass(frozen=True)
 class Placement:
     world_size: int
     trainer: RolePlacement
     generator: RolePlacement
+    models: tuple[RolePlacement, ...] = ()  # exclusive models, role = the model's name
 
-    def role_of(self, world_rank: int) -> str:
+    def groups(self) -> tuple[RolePlacement, ...]:
+        """Every rank group in world order."""
+        return (self.trainer, self.generator, *self.models)
+
+    def group_of(self, world_rank: int) -> RolePlacement:
         if not 0 <= world_rank < self.world_size:
             raise ValueError(f"rank {world_rank} outside the world of {self.world_size}")
-        return "trainer" if world_rank < self.trainer.ranks else "generator"
+        return next(g for g in self.groups()
+                    if g.first_rank <= world_rank < g.first_rank + g.ranks)
+
+    def role_of(self, world_rank: int) -> str:
+        """'trainer', 'generator', or the name of an exclusive model ('reference', ...)."""
+        return self.group_of(world_rank).role
+
+    def model(self, name: str) -> RolePlacement | None:
+        """The exclusive placement of model `name` (None: colocated with the trainers)."""
+        return next((m for m in self.models if m.role == name), None)
 
     def describe_rank(self, world_rank: int) -> str:
         """'generator 1 (world rank 2)': how errors name a rank."""
-        role = self.role_of(world_rank)
-        first = self.trainer.first_rank if role == "trainer" else self.generator.first_rank
-        return f"{role} {world_rank - first} (world rank {world_rank})"
+        group = self.group_of(world_rank)
+        return f"{group.role} {world_rank - group.first_rank} (world rank {world_rank})"
 
     def to_dict(self) -> dict:
-        return {"world_size": self.world_size, "trainer": asdict(self.trainer),
-                "generator": asdict(self.generator)}
+        body: dict[str, Any] = {"world_size": self.world_size, "trainer": asdict(self.trainer),
+                                "generator": asdict(self.generator)}
+        if self.models:
+            body["models"] = {m.role: asdict(m) for m in self.models}
+        return body
 
 
 def trainer_degrees(backend: str, ranks: int, tp: int, pp: int) -> tuple[int, int, int]:
@@ -64,6 +98,53 @@ def trainer_degrees(backend: str, ranks: int, tp: int, pp: int) -> tuple[int, in
         raise ValueError(f"trainer.ranks={ranks} must be a multiple of trainer.tp={tp} x "
                          f"trainer.pp={pp} = {tp * pp} (ranks = tp x pp x data parallel)")
     return tp, pp, ranks // (tp * pp)
+
+
+def generator_degrees(backend: str, ranks: int, vllm_tp: int) -> tuple[int, int]:
+    """(tp, dp) of the generator ranks; ValueError naming the keys when they do not fit.
+
+    vllm: one engine per `generator.vllm.tensor_parallel_size` consecutive ranks; the torch
+    engine is one per rank (the vllm section is ignored).
+    """
+    if backend != "vllm":
+        return 1, ranks
+    if ranks % vllm_tp:
+        raise ValueError(f"generator.ranks={ranks} must be a multiple of "
+                         f"generator.vllm.tensor_parallel_size={vllm_tp} (one vLLM engine "
+                         f"per {vllm_tp} generator ranks)")
+    return vllm_tp, ranks // vllm_tp
+
+
+def exclusive_models(cfg: Config) -> list[tuple[str, Any]]:
+    """(name, models.<name>) of the models on ranks of their own, in world order.
+
+    ValueError naming the model and the fix where the placement cannot work.
+    """
+    placed = []
+    for name in EXCLUSIVE_CAPABLE:
+        model = getattr(cfg.models, name)
+        if model is None or model.placement != "exclusive":
+            continue
+        if name == "reward" and cfg.algorithm != "ppo":
+            raise ValueError(f"models.reward.placement=exclusive: only algorithm=ppo scores "
+                             f"with a reward model (algorithm={cfg.algorithm})")
+        if cfg.trainer.ranks % model.ranks:
+            raise ValueError(f"models.{name}.ranks={model.ranks} must divide trainer.ranks="
+                             f"{cfg.trainer.ranks} (trainer i is served by {name} rank i mod "
+                             f"{model.ranks})")
+        if cfg.trainer.backend != "torch":
+            raise ValueError(f"models.{name}.placement=exclusive runs the torch engine; "
+                             f"trainer.backend={cfg.trainer.backend} keeps it colocated")
+        placed.append((name, model))
+    reference = cfg.models.reference
+    if reference is not None and reference.path is not None:
+        raise ValueError(f"models.reference.path={reference.path!r}: the reference is the "
+                         "policy's starting weights (after the SFT warm-up); remove the path")
+    reward = cfg.models.reward
+    if reward is not None and reward.path is None:
+        raise ValueError("models.reward.path is missing: the reward model's HF directory "
+                         "(e.g. from hpcalign train-rm)")
+    return placed
 
 
 def _auto_threads(requested: int, concurrent_ranks: int) -> int:
@@ -84,6 +165,15 @@ def compute_placement(cfg: Config) -> Placement:
     tp, pp, dp = trainer_degrees(cfg.trainer.backend, t, cfg.trainer.tp, cfg.trainer.pp)
     trainer = RolePlacement("trainer", 0, t, tp=tp, pp=pp, dp=dp,
                             threads=_auto_threads(cfg.trainer.threads, concurrent))
-    generator = RolePlacement("generator", t, g, tp=1, pp=1, dp=g,
+    gen_tp, gen_dp = generator_degrees(cfg.generator.backend, g,
+                                       cfg.generator.vllm.tensor_parallel_size)
+    generator = RolePlacement("generator", t, g, tp=gen_tp, pp=1, dp=gen_dp,
                               threads=_auto_threads(cfg.generator.threads, concurrent))
-    return Placement(world_size=t + g, trainer=trainer, generator=generator)
+    models, first = [], t + g
+    for name, model in exclusive_models(cfg):
+        # an exclusive model computes while the trainers wait for it: the trainers' share
+        models.append(RolePlacement(name, first, model.ranks, tp=1, pp=1, dp=model.ranks,
+                                    threads=_auto_threads(model.threads, concurrent)))
+        first += model.ranks
+    return Placement(world_size=first, trainer=trainer, generator=generator,
+                     models=tuple(models))

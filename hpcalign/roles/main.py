@@ -92,6 +92,22 @@ def _record_failure(run_dir: str, rank: int, who: str, err: BaseException) -> No
           flush=True)
 
 
+def _check_flow_schedule(cfg, placement, control, who: str) -> None:
+    """Every rank derives the flow's static schedule; world rank 0 sends its digest and a
+    rank whose own differs fails by name before it joins any collective (flows/api.py)."""
+    from hpcalign.comm.control import TAG_SCHEDULE
+    from hpcalign.flows.api import check_schedule, schedule_digest
+    from hpcalign.flows.registry import resolve_flow
+
+    own = schedule_digest(resolve_flow(cfg.algorithm, cfg.flow), placement.to_dict())
+    if control.comm.Get_rank() == 0:
+        for rank in range(1, control.comm.Get_size()):
+            control.send({"digest": own}, dest=rank, tag=TAG_SCHEDULE)
+        return
+    leader = control.recv(0, TAG_SCHEDULE, "the flow's schedule digest", cfg.comm.startup_timeout_s)
+    check_schedule(own, str(leader["digest"]), who)
+
+
 def run(run_dir: str, role: str | None = None) -> int:
     """Run this process's rank of the run in `run_dir`; returns the exit status."""
     from hpcalign.roles.context import install_stop_handlers
@@ -125,21 +141,24 @@ def run(run_dir: str, role: str | None = None) -> int:
         cfg = read_run_config(run_dir)
         placement = compute_placement(cfg)
         if comm.Get_size() != placement.world_size:
+            groups = " + ".join(f"{g.role} {g.ranks}" for g in placement.groups())
             raise RuntimeError(f"the MPI world has {comm.Get_size()} ranks but the plan needs "
-                               f"{placement.world_size} (trainer.ranks={cfg.trainer.ranks} + "
-                               f"generator.ranks={cfg.generator.ranks}): check the launcher")
+                               f"{placement.world_size} ({groups}): check the launcher")
         who = placement.describe_rank(rank)
         expected = placement.role_of(rank)
         if role is not None and role != expected:
             raise RuntimeError(f"started as {role} but the plan puts a {expected} at rank {rank}")
-        threads = (placement.trainer if expected == "trainer" else placement.generator).threads
+        threads = placement.group_of(rank).threads
         torch.set_num_threads(threads)
         control = Control(comm, cfg.comm.timeout_s, placement.describe_rank)
-        role_cfg = cfg.trainer if expected == "trainer" else cfg.generator
-        device = role_device(role_cfg.device, f"{expected}.device")
+        _check_flow_schedule(cfg, placement, control, who)
+        # an exclusive model computes where the trainers do (trainer.device)
+        device_key = "generator" if expected == "generator" else "trainer"
+        device = role_device(getattr(cfg, device_key).device, f"{device_key}.device")
         backend = choose_backend(cfg.comm.dist_backend, device, cfg.trainer.device,
                                  cfg.generator.device)  # rank 0's choice counts
-        init_distributed(control, run_dir, backend, cfg.comm.startup_timeout_s, device, who)
+        backend = init_distributed(control, run_dir, backend, cfg.comm.startup_timeout_s,
+                                   device, who)
         # every rank creates every group, in the same order (torch.distributed's rule)
         # start-up may be slow (startup_timeout_s); steady-state collectives get timeout_s
         steady = datetime.timedelta(seconds=cfg.comm.timeout_s)
@@ -160,6 +179,11 @@ def run(run_dir: str, role: str | None = None) -> int:
             from hpcalign.roles.trainer import Trainer
 
             Trainer(ctx).run()
+        elif expected != "generator":  # an exclusive model (models.<name>.placement)
+            from hpcalign.comm.model_service import wire_device
+            from hpcalign.roles.model_server import ModelServer
+
+            ModelServer(ctx, expected, wire_device(backend, device)).run()
         else:
             from hpcalign.roles.generator import Generator
 
@@ -185,7 +209,8 @@ def run(run_dir: str, role: str | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpcalign.roles.main")
-    parser.add_argument("--role", choices=("trainer", "generator"), default=None)
+    parser.add_argument("--role", choices=("trainer", "generator", "reference", "reward"),
+                        default=None)
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     keep_private()

@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 
 from hpcalign import faults
-from hpcalign.algorithms.advantages import informative_groups
 from hpcalign.algorithms.losses import sft_loss
-from hpcalign.comm.control import TAG_CONTROL, TAG_SHARD, TAG_TRAINERS
+from hpcalign.comm.control import TAG_CONTROL, TAG_MODEL, TAG_SHARD, TAG_TRAINERS
 from hpcalign.comm.weights import NamedWeightSender
 from hpcalign.data.datasets import filter_prompts, indices_for_step
 from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
@@ -40,24 +39,18 @@ from hpcalign.durable import fsync_dir, fsync_tree
 from hpcalign.engines import (
     OptimizerSpec,
     SamplingParams,
-    TrainStepResult,
     build_training_engine,
 )
 from hpcalign.engines.rollouts import sample_and_score
 from hpcalign.errors import ProtocolError, ShardError, UserError
+from hpcalign.flows.api import Experience, FlowContext
+from hpcalign.flows.registry import resolve_flow
 from hpcalign.launch.rundir import atomic_write_text
 from hpcalign.metrics import MetricsWriter
 from hpcalign.rewards import TrainerState
 from hpcalign.roles.checkpoint import checkpoint_dir, list_checkpoints
 from hpcalign.roles.context import RoleContext, restart_count
-from hpcalign.roles.flow_models import FlowModels
-from hpcalign.roles.update import (
-    logprob_mismatch_check,
-    prepare_update,
-    reward_metrics,
-    run_update,
-    step_advantages,
-)
+from hpcalign.roles.update import reward_metrics
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +159,8 @@ class Trainer:
                 self.ctx.control.send({"kind": "sft-saved", "path": out_dir}, dest=rank,
                                       tag=TAG_TRAINERS)
         else:  # every data-parallel trainer trained the same copy; the leader's is on disk
+            if getattr(engine, "collective_weights", False):
+                engine.save_model(out_dir)  # megatron: the leader's save gathers our shards
             self._wait_sft_saved()
 
     def _wait_sft_saved(self) -> None:
@@ -185,25 +180,62 @@ class Trainer:
         self.policy = build_training_engine(tcfg.backend, ref_dir, cfg, device=self.ctx.device,
                                             optimizer=spec, dp_group=self.ctx.trainer_group,
                                             dp_size=self.ctx.placement.trainer.ranks)
-        self.reference = build_training_engine(tcfg.backend, ref_dir, cfg, device=self.ctx.device)
+        # the flow (cfg.algorithm) names the models it needs; it builds its others itself
+        self.flow = resolve_flow(cfg.algorithm, cfg.flow)
+        remote = self._exclusive_models(ref_dir)  # models.<name>.placement: exclusive
+        self.reference = remote.get("reference")
+        if self.reference is None and "reference" in self.flow.models:
+            self.reference = build_training_engine(tcfg.backend, ref_dir, cfg,
+                                                   device=self.ctx.device)
         self.reference_dir = ref_dir
-        self.flow = FlowModels(self)  # the models cfg.algorithm adds (PPO's critic, ...)
+        # data parallel: each replica takes a contiguous slice of the whole batch (megatron:
+        # each data-parallel replica; its TP/PP ranks take the same slice)
+        dp_size, dp_index, dp_group = getattr(self.policy, "data_parallel", (
+            self.ctx.placement.trainer.ranks, self.index, self.ctx.trainer_group))
+        models = {**remote, "policy": self.policy}
+        if self.reference is not None:
+            models["reference"] = self.reference
+        self.flow.setup(FlowContext(
+            cfg=cfg, models=models, device=self.ctx.device, run_dir=self.ctx.run_dir,
+            reference_dir=ref_dir, trainer_ranks=self.ctx.placement.trainer.ranks,
+            trainer_group=self.ctx.trainer_group, dp_size=dp_size, dp_index=dp_index,
+            dp_group=dp_group, fault_hook=lambda step: faults.maybe_fire("step", step=step)))
         self.tokenizer = self.policy.tokenizer
         self.start_step, self.version = 0, 0
         self.generation_next_step = 0
         steps = list_checkpoints(self.ctx.run_dir)
         if steps:
             state = self.policy.load_checkpoint(self.ctx.run_dir, steps[-1])
-            self.flow.restore(checkpoint_dir(self.ctx.run_dir, steps[-1]))
+            if self.flow.has_state:
+                self.flow.restore(checkpoint_dir(self.ctx.run_dir, steps[-1]))
             self.start_step = int(state["step"])
             self.version = int(state["policy_version"])
             self.generation_next_step = int(state["generation_next_step"])
             self.recorded_shards = {int(k): {int(g): c for g, c in v.items()}
                                     for k, v in state.get("shards", {}).items()}
             log.info("resumed from checkpoint step %d", self.start_step)
-        self.sender = NamedWeightSender(self.policy.named_weights, cfg.sync.bucket_mb, src=0,
-                                        group=self.ctx.sync_group)
+        if hasattr(self.policy, "weight_sender"):  # megatron: streamed from every trainer rank
+            self.sender = self.policy.weight_sender(cfg.sync.bucket_mb, src=0,
+                                                    group=self.ctx.sync_group)
+        else:
+            self.sender = NamedWeightSender(self.policy.named_weights, cfg.sync.bucket_mb,
+                                            src=0, group=self.ctx.sync_group)
         self.metrics = MetricsWriter(self.ctx.run_dir, cfg.log.tensorboard) if self.is_leader else None
+
+    def _exclusive_models(self, ref_dir: str) -> dict[str, Any]:
+        """Handles on the models placed on ranks of their own (comm/model_service.py):
+        this trainer's server of each; the reference's is told where its weights are."""
+        from hpcalign.comm.model_service import RemoteModel, wire_device
+
+        remote: dict[str, Any] = {}
+        wire = wire_device(dist.get_backend(), self.ctx.device)
+        for group in self.ctx.placement.models:
+            server = group.first_rank + self.index % group.ranks
+            remote[group.role] = RemoteModel(group.role, server, self.ctx.control, wire,
+                                             self.ctx.device)
+            if group.role == "reference":
+                remote[group.role].load(ref_dir)
+        return remote
 
     # ------------------------------------------------------------ weight sync
     def _sync(self, version: int, extra: dict[str, Any] | None = None) -> float:
@@ -219,12 +251,19 @@ class Trainer:
                 names = ", ".join(self.ctx.placement.describe_rank(r) for r in self.generators)
                 raise RuntimeError(f"weight sync of policy version {version} to {names} "
                                    f"failed (one of them died or hung): {err}") from err
+        elif getattr(self.policy, "collective_weights", False):
+            self.sender.sync()  # megatron: this rank's shards travel through the leader
         return time.perf_counter() - start
 
     def _stop_generators(self) -> None:
+        """The run is over for the generators and the exclusive models (their last
+        requests of this step are answered: every trainer has passed its update)."""
         if self.is_leader:
             for rank in self.generators:
                 self.ctx.control.send({"kind": "stop"}, dest=rank, tag=TAG_CONTROL)
+            for group in self.ctx.placement.models:
+                for rank in group.world_ranks():
+                    self.ctx.control.send({"op": "stop"}, dest=rank, tag=TAG_MODEL)
 
     # ------------------------------------------------------------ rollouts
     def _wait_announced(self, step: int) -> dict[int, dict[str, Any]]:
@@ -267,8 +306,9 @@ class Trainer:
             nan = float("nan")  # no update: the policy stays as it is
             return {"samples": 0.0, "reward_mean": nan, "kl": nan, **self._shard_counts(batches)}
         lengths = np.array([len(c) for c in completions])
-        result, family = self._policy_update(step, rewards, torch.from_numpy(prompt_ids),
-                                             prompts, completions, old)
+        out = self.flow.train(Experience(step, rewards, torch.from_numpy(prompt_ids), prompts,
+                                         completions, old))
+        result, family = out.result, out.metrics
         versions = np.array([b.policy_version for b in batches])
         finished = np.concatenate([b.finished for b in batches])
         scored = rewards[~torch.isnan(rewards)]
@@ -288,49 +328,6 @@ class Trainer:
             **self._shard_counts(batches),
         }
 
-    def _policy_update(self, step: int, rewards: torch.Tensor, group_ids: torch.Tensor,
-                       prompts: list[np.ndarray], completions: list[np.ndarray],
-                       old: list[np.ndarray]) -> tuple[TrainStepResult, dict[str, float]]:
-        """Advantages (trainer.advantage_estimator) and the update, after dropping the
-        groups without reward variance when trainer.dynamic_sampling is on.
-
-        Returns the step's result (NaN metrics when dynamic sampling dropped every group:
-        no update) and the GRPO-family counts for the metrics line.
-        """
-        if self.cfg.algorithm != "grpo":  # online_dpo, ppo: roles/flow_models.py
-            return self.flow.update(step, rewards, group_ids, prompts, completions, old)
-        tcfg = self.cfg.trainer
-        family: dict[str, float] = {}
-        if tcfg.dynamic_sampling:  # DAPO; the batch is NOT refilled with fresh groups
-            informative = informative_groups(rewards, group_ids)
-            family = {"groups_dropped": float(len(torch.unique(group_ids[~informative]))),
-                      "samples_trained": float(informative.sum())}
-            if not bool(informative.any()):
-                return TrainStepResult(metrics={"kl": float("nan")}, grad_norm=float("nan")), family
-            keep = torch.nonzero(informative).squeeze(-1).tolist()
-            rewards, group_ids = rewards[keep], group_ids[keep]
-            prompts, completions, old = ([seq[i] for i in keep] for seq in (prompts, completions, old))
-        lengths = np.array([len(c) for c in completions])
-        token_count = float(max(1, lengths.sum()))
-        # data parallel: each trainer takes a contiguous slice of the whole batch
-        mine = np.array_split(np.arange(len(completions)), self.ctx.placement.trainer.ranks)[self.index]
-        temperature = self.cfg.generator.temperature
-        prepared = prepare_update(self.policy, self.reference, [prompts[i] for i in mine],
-                                  [completions[i] for i in mine], [old[i] for i in mine], tcfg,
-                                  temperature=temperature)
-        # unscorable samples (NaN: no reward function applied) get advantage 0
-        advantages = step_advantages(tcfg, rewards, group_ids, lengths, prepared, mine,
-                                     group=self.ctx.trainer_group,
-                                     ranks=self.ctx.placement.trainer.ranks)
-        result = run_update(self.policy, prepared, advantages.to(self.policy.device), token_count,
-                            tcfg, temperature=temperature, seq_count=float(len(completions)),
-                            norm_length=float(self.cfg.generator.max_new_tokens),
-                            after_backward=lambda: faults.maybe_fire("step", step=step))
-        logprob_mismatch_check(result.metrics, tcfg.max_logprob_mismatch, step,
-                               group=self.ctx.trainer_group,
-                               ranks=self.ctx.placement.trainer.ranks)
-        return result, family
-
     @staticmethod
     def _shard_counts(batches: list[RolloutBatch]) -> dict[str, float]:
         """Counts the generators recorded: prompts skipped (data.max_prompt_tokens), and
@@ -345,8 +342,8 @@ class Trainer:
         prompts = self.sources.eval
         if prompts is None:
             return {}
-        if self._eval_engine is None:
-            self._eval_engine = self.policy.generation_view()
+        if self._eval_engine is None or getattr(self.policy, "collective_weights", False):
+            self._eval_engine = self.policy.generation_view()  # megatron: a refreshed copy
         greedy = SamplingParams(samples_per_prompt=1,
                                 max_new_tokens=self.cfg.generator.max_new_tokens,
                                 temperature=1.0, top_k=1)
@@ -382,7 +379,8 @@ class Trainer:
             atomic_write_text(os.path.join(self.ctx.run_dir, "state.json"), json.dumps(body) + "\n")
 
     def _checkpoint(self, step: int) -> None:
-        if self.is_leader:
+        # megatron: every trainer rank saves its shards (rank 0's state is written)
+        if self.is_leader or getattr(self.policy, "collective_weights", False):
             staleness = self.cfg.sync.max_staleness
             self.policy.save_checkpoint(
                 self.ctx.run_dir, step,
@@ -391,7 +389,7 @@ class Trainer:
                  "seed": self.cfg.seed, "shards": self._pending_shards(),
                  "keep": keep_forever(step, self.cfg.checkpoint.keep_every_steps)},
                 keep=self.cfg.checkpoint.keep,
-                **({"extra": self.flow.save_extra} if self.flow.critic is not None else {}))
+                **({"extra": self.flow.save} if self.flow.has_state else {}))
 
     def _pending_shards(self) -> dict[str, dict[str, str]]:
         """The whole-file checksums of the shards this checkpoint's resume will read from
@@ -456,6 +454,9 @@ class Trainer:
             every_eval = cfg.log.eval_every_steps
             if self.is_leader and (done or (every_eval and (step + 1) % every_eval == 0)):
                 metrics.update(self._evaluate(step))
+            elif (done or (every_eval and (step + 1) % every_eval == 0)) and \
+                    self.sources.eval is not None and getattr(self.policy, "collective_weights", False):
+                self.policy.generation_view()  # megatron: the leader's eval copy needs our shards
             # NOTE: the step's metrics line is written BEFORE its checkpoint: a job killed
             # between the two redoes the step (and the writer drops the line), whereas the
             # other order would resume after a step whose line was never written.

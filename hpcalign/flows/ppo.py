@@ -1,0 +1,104 @@
+"""RLHF-PPO as a flow over four named models: policy, reference, reward and value.
+
+The environment part samples with the policy's generation engine; the trainer part scores
+each sample with the reward model (`models.reward`, an HF sequence-classification
+checkpoint such as `hpcalign train-rm` writes; without one, the shards' rewards from the
+reward functions), shapes per-token rewards with the KL to the reference, estimates
+values with the critic (`models.value`, default: the reward model, else the policy, with
+a new head), and takes PPO's epochs over mini-batches (roles/ppo.py).
+
+Placement: colocated — the reward model and the critic live on the trainer rank beside
+the policy and run in turn. The critic's state goes into the policy's checkpoint
+(`models/value/` in the same directory, one atomic rename), so resume is bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from hpcalign.engines import OptimizerSpec, TrainStepResult
+from hpcalign.flows.api import TRAINER, Experience, Flow, FlowContext, FlowResult, Step
+
+
+class PPOFlow(Flow):
+    """`algorithm: ppo`: the `ppo.*` keys, `models.reward`, `models.value`."""
+
+    models = ("policy", "reference")  # built by the trainer; reward and value: setup()
+    has_state = True
+
+    def setup(self, ctx: FlowContext) -> None:
+        from hpcalign.engines.torch_value import TorchValueEngine
+        from hpcalign.models.reward_model import load_reward_model
+
+        super().setup(ctx)
+        cfg = ctx.cfg
+        models, pcfg = cfg.models, cfg.ppo
+        self.reward_model = None
+        self.remote_reward = ctx.models.get("reward")  # models.reward.placement: exclusive
+        if models.reward is not None and self.remote_reward is None:
+            self.reward_model = load_reward_model(models.reward.path, models.reward.dtype,
+                                                  seed=cfg.seed).to(ctx.device).eval()
+            self.reward_model.requires_grad_(False)
+        value = models.value or models.reward
+        value_dir = value.path if value is not None else ctx.reference_dir
+        self.critic = TorchValueEngine.build(
+            value_dir, device=ctx.device, dtype=value.dtype if value is not None else "float32",
+            seed=cfg.seed, optimizer=OptimizerSpec(lr=pcfg.value_lr,
+                                                   grad_clip=cfg.trainer.grad_clip))
+        ctx.models["value"] = self.critic
+        if self.reward_model is not None:
+            ctx.models["reward"] = self.reward_model
+
+    def schedule(self) -> tuple[Step, ...]:
+        base = list(super().schedule())
+        extra = [Step(TRAINER, "reward", "score", "trainers"),
+                 Step(TRAINER, "value", "values", "trainers"),
+                 Step(TRAINER, "value", "train", "trainers")]
+        at = next(i for i, s in enumerate(base) if s.model == "policy" and s.op == "train")
+        return (*base[:at], *extra[:2], base[at], extra[2], *base[at + 1:])
+
+    def save(self, directory: str) -> None:
+        self.critic.save_state(os.path.join(directory, "models", "value"))
+
+    def restore(self, directory: str) -> None:
+        self.critic.load_state(os.path.join(directory, "models", "value"))
+
+    def _scores(self, experience: Experience) -> torch.Tensor:
+        """The reward model's score of each sample, else the shards' reward (NaN: 0)."""
+        if self.reward_model is None and self.remote_reward is None:
+            return torch.nan_to_num(experience.rewards.float(), nan=0.0)
+        from hpcalign.models.reward_model import pack_right, sequence_rewards
+
+        pad = self.ctx.models["policy"].pad_token_id
+        sequences = [list(p) + list(c) for p, c in zip(experience.prompts,
+                                                       experience.completions)]
+        ids, mask = pack_right(sequences, pad, self.ctx.device)
+        if self.remote_reward is not None:
+            return self.remote_reward.score(ids, mask).cpu()
+        with torch.no_grad():
+            return sequence_rewards(self.reward_model, ids, mask).cpu()
+
+    def train(self, experience: Experience) -> FlowResult:
+        from hpcalign.roles.ppo import PPOSettings, ppo_update
+
+        cfg, policy = self.ctx.cfg, self.ctx.models["policy"]
+        pcfg = cfg.ppo
+        scores = self._scores(experience)
+        if pcfg.missing_eos_penalty:
+            eos = set(policy.eos_token_ids)
+            unfinished = torch.tensor([not (len(c) and int(c[-1]) in eos)
+                                       for c in experience.completions])
+            scores = scores - pcfg.missing_eos_penalty * unfinished.float()
+        settings = PPOSettings(kl_coef=pcfg.kl_coef, gamma=pcfg.gamma, lam=pcfg.lam,
+                               clip_eps=cfg.trainer.clip_eps,
+                               value_clip_eps=pcfg.value_clip_eps, epochs=pcfg.epochs,
+                               minibatches=pcfg.minibatches,
+                               whiten_advantages=pcfg.whiten_advantages, seed=cfg.seed)
+        metrics = ppo_update(policy, self.ctx.models["reference"], self.critic,
+                             experience.prompts, experience.completions,
+                             experience.old_logprobs, scores, settings,
+                             temperature=cfg.generator.temperature, step=experience.step)
+        return FlowResult(TrainStepResult(metrics=metrics, grad_norm=math.nan))
