@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from local_runs import ROOT, hpcalign_argv, metrics
 from safetensors.torch import load_file
 from standins import llama_standin, qwen_standin
+from test_megatron_engine import mpiexec  # one mpiexec-a-script helper
 
 pytest.importorskip("megatron.core")
 
@@ -28,15 +28,6 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "mpi_scripts")
 CONFIG = os.path.join(ROOT, "configs", "grpo-megatron-tiny.yaml")
 
 
-def mpiexec(n: int, script: str, *args: str, timeout: float = 300) -> None:
-    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    argv = [exe, "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        argv.append("--allow-run-as-root")
-    argv += ["-n", str(n), sys.executable, os.path.join(SCRIPTS, script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2xpp2"])
