@@ -40,6 +40,8 @@ class DPOTrainerConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm (0: off).")
     eval_every_steps: int = Field(50, ge=0, description="Held-out evaluation period (0: only "
                                   "at the end).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0: every core). Set "
+                         "by the run, not inherited: a resume must compute with the same count.")
     device: Device = "auto"
 
 

@@ -158,6 +158,7 @@ def run_dpo(cfg: DPOConfig) -> int:
     from hpcalign.errors import UserError
     from hpcalign.launch.claim import take_claim
     from hpcalign.launch.rundir import list_checkpoints
+    from hpcalign.plan.placement import auto_threads
     from hpcalign.roles.device import role_device
 
     hf_logging.disable_progress_bar()
@@ -166,6 +167,10 @@ def run_dpo(cfg: DPOConfig) -> int:
     except RuntimeError as err:
         raise UserError(str(err)) from err
     claim = take_claim(cfg.run_dir, "run")
+    # floats depend on the intra-op thread count: fix it, so a resumed run (or one started
+    # from another process) computes exactly what the uninterrupted one did
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(auto_threads(cfg.trainer.threads, 1))
     try:
         faults.configure(cfg.run_dir)
         atomic_write_text(os.path.join(cfg.run_dir, "config.yaml"), dump_config(cfg))
@@ -228,6 +233,7 @@ def run_dpo(cfg: DPOConfig) -> int:
         atomic_write_text(os.path.join(cfg.run_dir, "state.json"),
                           json.dumps({"state": "done", "step": tcfg.steps}) + "\n")
     finally:
+        torch.set_num_threads(threads_before)
         claim.release()
     summary = f"dpo: {tcfg.steps} steps on {len(train)} pairs"
     if row:

@@ -147,7 +147,8 @@ def exclusive_models(cfg: Config) -> list[tuple[str, Any]]:
     return placed
 
 
-def _auto_threads(requested: int, concurrent_ranks: int) -> int:
+def auto_threads(requested: int, concurrent_ranks: int) -> int:
+    """`requested` torch threads, or (0) this process's cores shared by the ranks that run at once."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -164,16 +165,16 @@ def compute_placement(cfg: Config) -> Placement:
     concurrent = max(t, g) if cfg.sync.max_staleness == 0 else t + g
     tp, pp, dp = trainer_degrees(cfg.trainer.backend, t, cfg.trainer.tp, cfg.trainer.pp)
     trainer = RolePlacement("trainer", 0, t, tp=tp, pp=pp, dp=dp,
-                            threads=_auto_threads(cfg.trainer.threads, concurrent))
+                            threads=auto_threads(cfg.trainer.threads, concurrent))
     gen_tp, gen_dp = generator_degrees(cfg.generator.backend, g,
                                        cfg.generator.vllm.tensor_parallel_size)
     generator = RolePlacement("generator", t, g, tp=gen_tp, pp=1, dp=gen_dp,
-                              threads=_auto_threads(cfg.generator.threads, concurrent))
+                              threads=auto_threads(cfg.generator.threads, concurrent))
     models, first = [], t + g
     for name, model in exclusive_models(cfg):
         # an exclusive model computes while the trainers wait for it: the trainers' share
         models.append(RolePlacement(name, first, model.ranks, tp=1, pp=1, dp=model.ranks,
-                                    threads=_auto_threads(model.threads, concurrent)))
+                                    threads=auto_threads(model.threads, concurrent)))
         first += model.ranks
     return Placement(world_size=first, trainer=trainer, generator=generator,
                      models=tuple(models))

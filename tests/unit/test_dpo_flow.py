@@ -62,7 +62,12 @@ def test_dpo_learns_the_held_out_preference(policy, pairs, tmp_path):
 def test_killed_dpo_resumes_bitwise_reusing_the_stored_reference(policy, pairs, tmp_path):
     steps = ["trainer.steps=8", "checkpoint.every_steps=3", "trainer.eval_every_steps=4"]
     whole = tmp_path / "whole"
-    assert cli_main(_argv(policy, pairs, whole, *steps)) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what an earlier test may leave: the run must set its own count
+    try:
+        assert cli_main(_argv(policy, pairs, whole, *steps)) == 0
+    finally:
+        torch.set_num_threads(before)
     killed = tmp_path / "killed"
     argv = [sys.executable, "-m", "hpcalign.cli", *_argv(policy, pairs, killed, *steps)]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=300,
