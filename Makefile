@@ -52,10 +52,10 @@ run: install
 	$(VENV)/bin/hpcalign run configs/quickstart.yaml $(ARGS)
 
 # Brings up the real two-node test Slurm cluster (apt installs on first use), then runs
-# unit, integration (real MPI, real Slurm) and GPU tests (skipped without a GPU).
+# unit, integration (real MPI, real Slurm) and GPU tests (skipped without a GPU); the
+# Slurm tests beside the others, the vLLM tests after them (tools/run-tests says why).
 test: install $(VENV)/.installed-megatron $(VLLM_STAMP) cluster-up
-	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
-	$(VLLM_VENV)/bin/pytest $(VLLM_TESTS) $(PYTEST_ARGS) || status=$$?; exit $$status
+	tools/run-tests $(VENV) $(VLLM_VENV) "$(VLLM_TESTS)" $(PYTEST_ARGS)
 
 unit: install
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from local_runs import ROOT
 from slurm_cluster import SLURM_ONLY
 
@@ -53,6 +54,7 @@ def test_kill9_of_a_trainer_and_a_generator_rank_resumes_bitwise():
 
 @SLURM_ONLY[0]  # marked `slurm`, skipped when no controller answers (like the other Slurm tests)
 @SLURM_ONLY[1]
+@pytest.mark.stops_slurmctld
 def test_slurmctld_stopped_during_submit_and_status_is_a_named_line_in_bounds():
     try:
         result = tool(os.path.join(TOOLS, "slurm_faults.py"), "--only", "ctld", timeout=600)

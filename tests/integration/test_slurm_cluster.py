@@ -12,24 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from slurm_cluster import SLURM_ONLY, sh
+from slurm_cluster import SLURM_ONLY, sh, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = SLURM_ONLY
-
-
-
-
-def wait_gone(job_id: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sh("squeue", "-h", "-j", job_id).strip():
-            return
-        time.sleep(0.5)
-    sh("scancel", job_id)
-    raise AssertionError(f"job {job_id} still queued after {timeout} s")
 
 
 def sacct_rows(job_id: str) -> dict[str, dict[str, str]]:

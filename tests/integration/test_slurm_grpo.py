@@ -26,7 +26,7 @@ from local_runs import (
     metrics,
     shard_checksums,
 )
-from slurm_cluster import SLURM_ONLY, sh
+from slurm_cluster import SLURM_ONLY, poke_scheduler, sh
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 48  # enough that a signal sent after a restart lands mid-run
@@ -60,22 +60,6 @@ def job(run_dir: Path, job_id: str):
     from hpcalign.launch.slurm import HetSlurmJob
 
     return HetSlurmJob(folder=run_dir / "submitit", job_id=job_id)
-
-
-def poke_scheduler(job_id: str) -> str:
-    """The job's `scontrol` line; an eligible pending job gets a no-op update.
-
-    NOTE: Slurm 22.05 schedules het jobs only in backfill, and backfill runs only after
-    some job/node/partition change. On the idle test cluster a requeued het job whose
-    BeginTime has passed can therefore wait minutes for an unrelated event; a busy
-    cluster has such events all the time. A no-op `scontrol update` is that event.
-    """
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                         text=True, timeout=30).stdout
-    if "JobState=PENDING" in out and "Reason=None" in out:
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "Nice=0"], capture_output=True,
-                       timeout=30)
-    return out
 
 
 def wait_done(run_dir: Path, job_id: str, timeout: float = 600) -> str:
