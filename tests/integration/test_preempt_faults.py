@@ -1,9 +1,8 @@
 """Samples of the fault tools (tools/faults/preempt.py, tools/faults/slurm_faults.py).
 
 The figures come from the tools with their defaults (docs/benchmarks.md); here: a kill -9 of
-a trainer rank and of a generator rank of a real 2+2 local run, each resumed bitwise, and
-slurmctld stopped during `hpcalign submit` and `hpcalign status` (a named line within the
-bound, then the controller is back and the cluster healthy).
+a trainer rank and of a generator rank of a real 2+2 local run, each resumed bitwise. The
+Slurm sample (slurmctld stopped) is tests/integration/test_slurm_faults.py.
 """
 
 from __future__ import annotations
@@ -13,12 +12,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 from local_runs import ROOT
-from slurm_cluster import SLURM_ONLY
 
 TOOLS = os.path.join(ROOT, "tools", "faults")
-CLUSTER = os.path.join(ROOT, "tools", "slurm-test-cluster")
 
 
 def tool(*argv: str, timeout: float) -> dict:
@@ -50,19 +46,3 @@ def test_kill9_of_a_trainer_and_a_generator_rank_resumes_bitwise():
     assert result["bitwise"] == result["named"] == result["failed_fast"] == 2, result
     assert result["tracebacks"] == result["leftover_ranks"] == 0, result
     assert result["max_verdict_s"] < result["verdict_bound_s"], result
-
-
-@SLURM_ONLY[0]  # marked `slurm`, skipped when no controller answers (like the other Slurm tests)
-@SLURM_ONLY[1]
-@pytest.mark.stops_slurmctld
-def test_slurmctld_stopped_during_submit_and_status_is_a_named_line_in_bounds():
-    try:
-        result = tool(os.path.join(TOOLS, "slurm_faults.py"), "--only", "ctld", timeout=600)
-    finally:  # the shared test cluster gets its controller back whatever happened
-        subprocess.run([CLUSTER, "up"], capture_output=True, timeout=180)
-    rows = {row["fault"]: row for row in result["rows"]}
-    submit, status = rows["ctld_submit"], rows["ctld_status"]
-    assert submit["ok"], submit
-    assert "slurm" in submit["error"].lower() or "sbatch" in submit["error"], submit
-    assert status["ok"], status
-    assert status["within_bound"] and not status["traceback"], status
