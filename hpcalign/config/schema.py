@@ -369,8 +369,8 @@ class ModelsConfig(Section):
         None, description="The frozen reference's placement (its weights: the policy's "
         "starting weights; `path` is not read yet).")
     reward: FrozenModelConfig | None = Field(
-        None, description="PPO: a reward model (HF sequence classification, e.g. from "
-        "hpcalign train-rm); null: the reward functions' rewards.")
+        None, description="PPO, OnlineDPO: a reward model judging the samples (HF sequence "
+        "classification, e.g. from hpcalign train-rm); null: the reward functions' rewards.")
     value: ModelConfig | None = Field(
         None, description="PPO: the critic's starting weights (null: the reward model, else "
         "the policy with a new head).")
@@ -438,6 +438,10 @@ class Config(Section):
         from hpcalign.plan.placement import exclusive_models  # the one place of rank arithmetic
 
         exclusive_models(self)  # ValueError naming the model and the fix
+        if self.models.reward is not None and self.algorithm == "grpo":
+            raise ValueError("models.reward: algorithm=grpo learns from the reward functions "
+                             "(reward.functions), not a reward model; judge with it through "
+                             "algorithm=ppo or online_dpo, or remove models.reward")
         if self.algorithm == "online_dpo" and self.generator.samples_per_prompt < 2:
             raise ValueError(f"algorithm=online_dpo pairs completions of one prompt: "
                              f"generator.samples_per_prompt={self.generator.samples_per_prompt} "

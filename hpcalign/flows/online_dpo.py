@@ -1,9 +1,12 @@
 """OnlineDPO as a flow: (best, worst) pairs of each sampled group and a DPO step.
 
 The environment part is GRPO's (the generators sample `samples_per_prompt` >= 2
-completions of each prompt with the current policy and score them); the trainer part pairs
-each group's best and worst sample and takes a DPO step against the frozen reference
-(roles/online_dpo.py; Guo et al. 2024, TRL's OnlineDPOTrainer).
+completions of each prompt with the current policy and score them with the reward
+functions); the trainer part judges them — by those rewards, or by a reward model when
+`models.reward` names one (flows/judge.py: on the trainer rank, or on ranks of its own
+with `placement: exclusive`) — pairs each group's best and worst sample and takes a DPO
+step against the frozen reference (roles/online_dpo.py; Guo et al. 2024, TRL's
+OnlineDPOTrainer with a `reward_model` or `reward_funcs`).
 """
 
 from __future__ import annotations
@@ -11,22 +14,38 @@ from __future__ import annotations
 import torch
 
 from hpcalign.engines import TrainStepResult
-from hpcalign.flows.api import Experience, Flow, FlowResult
+from hpcalign.flows.api import TRAINER, Experience, Flow, FlowContext, FlowResult, Step
 
 
 class OnlineDPOFlow(Flow):
-    """`algorithm: online_dpo`: policy + frozen reference, the `dpo.*` loss."""
+    """`algorithm: online_dpo`: policy + frozen reference, the `dpo.*` loss; the judge is
+    the reward functions or `models.reward`."""
 
     models = ("policy", "reference")
 
+    def setup(self, ctx: FlowContext) -> None:
+        from hpcalign.flows.judge import RewardModelJudge
+
+        super().setup(ctx)
+        self.judge = RewardModelJudge.from_context(ctx)
+
+    def schedule(self) -> tuple[Step, ...]:
+        base = list(super().schedule())
+        at = next(i for i, s in enumerate(base) if s.model == "policy" and s.op == "train")
+        return (*base[:at], Step(TRAINER, "reward", "score", "trainers"), *base[at:])
+
     def train(self, experience: Experience) -> FlowResult:
+        from hpcalign.flows.judge import judged_rewards
         from hpcalign.roles.online_dpo import online_dpo_update, preference_pairs
 
         ctx, dcfg = self.ctx, self.ctx.cfg.dpo
-        pairs = preference_pairs(experience.rewards, experience.group_ids)
+        scores = judged_rewards(self.judge, experience)
+        pairs = preference_pairs(scores, experience.group_ids)
         family = {"pairs": float(len(pairs)),
                   "groups_without_preference": float(
                       len(torch.unique(experience.group_ids)) - len(pairs))}
+        if self.judge is not None:  # the samples' reward-model scores (reward_mean: functions')
+            family["score_mean"] = float(scores.float().mean())
         if not pairs:  # every group scored all its samples the same: nothing to prefer
             return FlowResult.skipped(**family)
         mine = [pairs[i] for i in ctx.share(len(pairs))]

@@ -31,17 +31,12 @@ class PPOFlow(Flow):
 
     def setup(self, ctx: FlowContext) -> None:
         from hpcalign.engines.torch_value import TorchValueEngine
-        from hpcalign.models.reward_model import load_reward_model
+        from hpcalign.flows.judge import RewardModelJudge
 
         super().setup(ctx)
         cfg = ctx.cfg
         models, pcfg = cfg.models, cfg.ppo
-        self.reward_model = None
-        self.remote_reward = ctx.models.get("reward")  # models.reward.placement: exclusive
-        if models.reward is not None and self.remote_reward is None:
-            self.reward_model = load_reward_model(models.reward.path, models.reward.dtype,
-                                                  seed=cfg.seed).to(ctx.device).eval()
-            self.reward_model.requires_grad_(False)
+        self.judge = RewardModelJudge.from_context(ctx)
         value = models.value or models.reward
         value_dir = value.path if value is not None else ctx.reference_dir
         self.critic = TorchValueEngine.build(
@@ -49,8 +44,6 @@ class PPOFlow(Flow):
             seed=cfg.seed, optimizer=OptimizerSpec(lr=pcfg.value_lr,
                                                    grad_clip=cfg.trainer.grad_clip))
         ctx.models["value"] = self.critic
-        if self.reward_model is not None:
-            ctx.models["reward"] = self.reward_model
 
     def schedule(self) -> tuple[Step, ...]:
         base = list(super().schedule())
@@ -68,18 +61,9 @@ class PPOFlow(Flow):
 
     def _scores(self, experience: Experience) -> torch.Tensor:
         """The reward model's score of each sample, else the shards' reward (NaN: 0)."""
-        if self.reward_model is None and self.remote_reward is None:
-            return torch.nan_to_num(experience.rewards.float(), nan=0.0)
-        from hpcalign.models.reward_model import pack_right, sequence_rewards
+        from hpcalign.flows.judge import judged_rewards
 
-        pad = self.ctx.models["policy"].pad_token_id
-        sequences = [list(p) + list(c) for p, c in zip(experience.prompts,
-                                                       experience.completions)]
-        ids, mask = pack_right(sequences, pad, self.ctx.device)
-        if self.remote_reward is not None:
-            return self.remote_reward.score(ids, mask).cpu()
-        with torch.no_grad():
-            return sequence_rewards(self.reward_model, ids, mask).cpu()
+        return torch.nan_to_num(judged_rewards(self.judge, experience).float(), nan=0.0)
 
     def train(self, experience: Experience) -> FlowResult:
         from hpcalign.roles.ppo import PPOSettings, ppo_update

@@ -17,6 +17,7 @@ from hpcalign.config.schema import Config
 
 # The flows' frozen models that may run on ranks of their own, in world order.
 EXCLUSIVE_CAPABLE = ("reference", "reward")
+REWARD_MODEL_FLOWS = ("ppo", "online_dpo")  # the built-in flows that judge with models.reward
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,10 @@ def exclusive_models(cfg: Config) -> list[tuple[str, Any]]:
         model = getattr(cfg.models, name)
         if model is None or model.placement != "exclusive":
             continue
-        if name == "reward" and cfg.algorithm != "ppo":
-            raise ValueError(f"models.reward.placement=exclusive: only algorithm=ppo scores "
-                             f"with a reward model (algorithm={cfg.algorithm})")
+        if name == "reward" and cfg.algorithm not in REWARD_MODEL_FLOWS:
+            raise ValueError(f"models.reward.placement=exclusive: only algorithm="
+                             f"{' or '.join(REWARD_MODEL_FLOWS)} judges with a reward model "
+                             f"(algorithm={cfg.algorithm})")
         if cfg.trainer.ranks % model.ranks:
             raise ValueError(f"models.{name}.ranks={model.ranks} must divide trainer.ranks="
                              f"{cfg.trainer.ranks} (trainer i is served by {name} rank i mod "

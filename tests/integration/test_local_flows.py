@@ -57,6 +57,61 @@ def test_online_dpo_learns_reverse(tmp_path):
     assert last > first + 0.03, (first, last)
 
 
+def _reward_checkpoint(base, out) -> None:
+    """A user's scalar-head reward model, saved by transformers itself (the head seeded)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(7)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.save_pretrained(out)
+
+
+def _independent_judgement(run_dir, rm_dir, step: int) -> tuple[int, float]:
+    """(groups with a preference, mean score) of a step's samples, each scored alone by
+    transformers' model: the head on the last token's hidden state."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hpcalign.data.shards import read_shard, shard_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    shard = read_shard(shard_path(str(run_dir), step, 0))
+    scores, groups = [], {}
+    with torch.no_grad():
+        for i in range(len(shard)):
+            ids = torch.tensor([[*shard.prompt_tokens[i], *shard.completion_tokens[i]]])
+            hidden = model.model(input_ids=ids).last_hidden_state
+            scores.append(float(model.score(hidden)[0, -1, 0]))
+            groups.setdefault(int(shard.prompt_ids[i]), []).append(scores[-1])
+    preferring = sum(max(g) != min(g) for g in groups.values())
+    return preferring, sum(scores) / len(scores)
+
+
+def test_online_dpo_judged_by_a_reward_model_on_the_trainer_or_its_own_rank(tmp_path):
+    """models.reward with algorithm=online_dpo: the reward model, not the task's reward,
+    judges each group (TRL's OnlineDPOTrainer with a reward_model), colocated on the
+    trainer rank or exclusive on a rank of its own. Each step's pairs and mean score equal
+    an independent scoring of the step's shard by transformers."""
+    base, rm_dir = tmp_path / "base", tmp_path / "rm"
+    subprocess.run(hpcalign_argv("init-model", str(base), "--hidden", "64", "--intermediate",
+                                 "128", "--heads", "4", "--kv-heads", "2"),
+                   check=True, capture_output=True, timeout=120, cwd=ROOT)
+    _reward_checkpoint(base, rm_dir)
+    for placement in ("colocated", "exclusive"):
+        run_dir = tmp_path / placement
+        run_to_end(run_dir, "algorithm=online_dpo", "trainer.steps=3",
+                   f"model.path={base}", "model.init=null", f"models.reward.path={rm_dir}",
+                   f"models.reward.placement={placement}")
+        rows = metrics(run_dir)
+        assert [r["step"] for r in rows] == [0, 1, 2], placement
+        for row in rows:
+            preferring, mean = _independent_judgement(run_dir, rm_dir, row["step"])
+            assert row["pairs"] == preferring, (placement, row)
+            assert abs(row["score_mean"] - mean) < 1e-4, (placement, row["score_mean"], mean)
+        # continuous scores: every group of 4 prefers one sample (the task's reward ties)
+        assert sum(r["pairs"] for r in rows) == 3 * 4, (placement, rows)
+
+
 PPO_RM = ["algorithm=ppo", "trainer.steps=6", "checkpoint.every_steps=3",
           "trainer.sft_warmup_steps=5"]
 

@@ -39,3 +39,21 @@ def test_run_dir_is_private_and_holds_config_and_plan(tmp_path):
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["world_size"] == 2 and plan["generator"]["first_rank"] == 1
     assert load_config(str(run_dir / "config.yaml")) == cfg
+
+
+def test_reward_model_placements_are_refused_by_name_where_no_flow_judges_with_it():
+    import pytest
+
+    from hpcalign.errors import ConfigError
+
+    for algorithm in ("ppo", "online_dpo"):  # the flows that judge with models.reward
+        for placement in ("colocated", "exclusive"):
+            cfg = load_config(QUICKSTART, [f"algorithm={algorithm}", "models.reward.path=/rm",
+                                           f"models.reward.placement={placement}"])
+            plan = compute_placement(cfg)
+            assert plan.world_size == (3 if placement == "exclusive" else 2)
+    with pytest.raises(ConfigError, match="algorithm=grpo learns from the reward functions"):
+        load_config(QUICKSTART, ["models.reward.path=/rm"])
+    with pytest.raises(ConfigError, match="only algorithm=ppo or online_dpo judges"):
+        load_config(QUICKSTART, ["algorithm=examples_flow:Flow", "models.reward.path=/rm",
+                                 "models.reward.placement=exclusive"])

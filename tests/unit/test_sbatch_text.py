@@ -169,6 +169,8 @@ def test_weird_values_reach_srun_intact_and_run_nothing(weird_tmp_path: Path,
     ({"slurm__job_name": "a\nb"}, "slurm.job_name"),
     ({"trainer__ranks": 2}, "trainer.ranks=2"),
     ({"run_dir": "/runs/100%"}, "'%' is not allowed"),
+    ({"models__reference": {"placement": "exclusive"}},
+     "models.reference.placement=exclusive: hpcalign submit places trainers and generators"),
 ])
 def test_refuses_unsafe_or_inconsistent_values(change: dict, field: str) -> None:
     cfg = quickstart(**change)
