@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hpcalign.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from hpcalign.algorithms.losses import kl_estimate, kl_k3, policy_loss
+from hpcalign.algorithms.losses import kl_estimate, policy_loss
 from hpcalign.config.schema import TrainerConfig
 from hpcalign.data.shards import RolloutBatch
 from hpcalign.engines import TrainingEngine, TrainStepResult
@@ -148,7 +148,8 @@ def run_update(policy: TrainingEngine, prepared: UpdateBatch, advantages: torch.
                 "logprob_mismatch_mean": float(mismatch.sum()) / token_count,
                 "loss": float(loss.detach()),
                 "pg_loss": parts["pg_loss"],
-                "kl": float((kl_k3(logp, ref_logp) * fmask).sum()) / token_count,
+                "kl": float((kl_estimate(logp.detach(), ref_logp, tcfg.kl_estimator)
+                             * fmask).sum()) / token_count,
                 "entropy": float((entropy * fmask).sum()) / token_count,
                 "clip_frac": parts["clip_frac"],
                 "ratio_mean": parts["ratio_mean"],

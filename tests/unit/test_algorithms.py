@@ -421,3 +421,24 @@ def test_value_loss_matches_the_loop(clip):
     assert loss.item() == pytest.approx(total / n, rel=1e-12)
     assert metrics["vf_clip_frac"] == pytest.approx(clipped / n)
     assert (metrics["vf_clip_frac"] > 0) == (clip is not None)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum",
+                                         "seq-mean-token-mean"])
+@pytest.mark.parametrize("ratio", ["token", "sequence"])
+def test_policy_and_value_losses_of_an_empty_batch_are_zero_and_differentiable(aggregation,
+                                                                               ratio):
+    """A rank whose share of a step is empty (every group dropped) still joins the
+    gradient all-reduce: its losses are finite zeros with a graph, its metrics zeros."""
+    logp = torch.zeros(0, 5, requires_grad=True)
+    values = torch.zeros(0, 5, requires_grad=True)
+    mask = torch.zeros(0, 5, dtype=torch.bool)
+    loss, parts = policy_loss(logp, torch.zeros(0, 5), torch.zeros(0), mask,
+                              aggregation=aggregation, importance_ratio=ratio,
+                              ref_logp=torch.zeros(0, 5), kl_coef=0.1)
+    vloss, vparts = value_loss(values, torch.zeros(0, 5), torch.zeros(0, 5), mask,
+                               aggregation=aggregation)
+    for value, metrics in ((loss, parts), (vloss, vparts)):
+        assert value.item() == 0.0 and all(v == 0.0 for v in metrics.values()), metrics
+    (loss + vloss).backward()
+    assert logp.grad.shape == (0, 5) and values.grad.shape == (0, 5)

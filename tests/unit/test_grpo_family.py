@@ -109,6 +109,30 @@ def test_kl_in_reward_changes_the_grpo_return_by_the_summed_kl(char_dir):
     assert not torch.allclose(got, group_advantages(rewards, groups), atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_logged_kl_is_the_configured_estimator(char_dir, kind):
+    """The step's `kl` metric is the token mean of `trainer.kl_estimator` (before the
+    update), recomputed here sample by sample."""
+    policy, reference = _engines(char_dir)
+    policy.train_step([policy.pack(*_samples(4, seed=9)[:2])],  # move off the reference
+                      lambda i, b, logp, e: (-(logp * b["completion_mask"]).sum(), {}),
+                      temperature=1.0)
+    prompts, completions, old = _samples(6, seed=2)
+    tcfg = TrainerConfig(kl_coef=0.0, kl_estimator=kind, micro_batch=4)
+    total, tokens = 0.0, 0
+    for prompt, completion in zip(prompts, completions):
+        batch = policy.pack([prompt], [completion])
+        span = slice(len(prompt), len(prompt) + len(completion))
+        kl = kl_estimate(policy.logprobs(batch, temperature=1.0)[0][0, span],
+                         reference.logprobs(batch, temperature=1.0)[0][0, span], kind)
+        total, tokens = total + float(kl.double().sum()), tokens + len(completion)
+    prepared = prepare_update(policy, reference, prompts, completions, old, tcfg,
+                              temperature=1.0)
+    result = run_update(policy, prepared, torch.linspace(-1, 1, 6), float(tokens), tcfg,
+                        temperature=1.0)
+    assert result.metrics["kl"] == pytest.approx(total / tokens, rel=1e-4, abs=1e-7)
+
+
 def test_token_level_advantages_reach_the_right_tokens(char_dir):
     """reinforce_pp gives [n, T_completion]; each value lands on its completion token."""
     policy, reference = _engines(char_dir)
