@@ -114,9 +114,15 @@ def explain_failure(run_dir: str, output_tail: str, returncode: int) -> str:
 
 
 def _describe_dead_rank(plan: dict, match: re.Match) -> str:
+    """'reference 0 (world rank 2) died: ...': the model and rank, from plan.json's groups
+    (trainers, generators, then each model on ranks of its own)."""
     rank = int(match.group(1))
     trainers = plan.get("trainer", {}).get("ranks", 0)
     role = f"trainer {rank}" if rank < trainers else f"generator {rank - trainers}"
+    for name, group in plan.get("models", {}).items():
+        first = group.get("first_rank", -1)
+        if first <= rank < first + group.get("ranks", 0):
+            role = f"{name} {rank - first}"
     return f"{role} (world rank {rank}) died: {match.group(2).strip()}"
 
 

@@ -46,3 +46,20 @@ def test_hung_generator_times_out_naming_the_rank(tmp_path):
     # or inside the weight broadcast (a gloo collective that times out)
     assert ("sent nothing" in err and "trainer 0 (world rank 0)" in err) or (
         "weight sync" in err and "died or hung" in err), err[-2000:]
+
+
+def test_killed_exclusive_reference_fails_fast_naming_the_model(tmp_path):
+    """A model on a rank of its own (models.reference.placement=exclusive, world rank 2)
+    killed mid-run: the job ends, and the error names that model and rank."""
+    run_dir = tmp_path / "run"
+    proc = start_run(run_dir, "trainer.steps=200", "comm.timeout_s=120",
+                     "models.reference.placement=exclusive")
+    wait_for_step(run_dir, 2, proc)
+    (reference,) = role_pids(run_dir, "reference")
+    os.kill(reference, signal.SIGKILL)
+    killed = time.monotonic()
+    _out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30, "the job outlived its dead reference"
+    assert proc.returncode != 0
+    assert "reference 0 (world rank 2)" in err, err[-2000:]
+    assert not role_pids(run_dir, "trainer") and not role_pids(run_dir, "generator")

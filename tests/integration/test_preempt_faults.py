@@ -36,6 +36,12 @@ def test_mpiexec_report_of_a_killed_rank_is_one_short_line(tmp_path):
             "(Killed).\n" + "-" * 74 + "\nmore text\n")
     assert explain_failure(str(tmp_path), tail, 137) == (
         "generator 0 (world rank 2) died: exited on signal 9 (Killed).")
+    # a model on ranks of its own (plan.json's models) is named as that model
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "trainer": {"ranks": 1}, "generator": {"first_rank": 1, "ranks": 1},
+        "models": {"reference": {"role": "reference", "first_rank": 2, "ranks": 1}}}))
+    assert explain_failure(str(tmp_path), tail, 137) == (
+        "reference 0 (world rank 2) died: exited on signal 9 (Killed).")
 
 
 def test_kill9_of_a_trainer_and_a_generator_rank_resumes_bitwise():
