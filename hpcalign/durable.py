@@ -5,7 +5,7 @@ all, and a crash right after a write must not lose it. So every write goes: temp
 the same directory -> write -> fsync the file -> rename over the final name -> fsync the
 directory (the rename itself lives in the directory's metadata: without that fsync a node
 crash can bring back the old name). Directories (checkpoints, models) follow the same
-pattern with `replace_dir`.
+pattern: written under a temp name, `fsync_tree`, renamed, `fsync_dir` of the parent.
 
     atomic_write_text(os.path.join(run_dir, "state.json"), json.dumps(state) + "\\n")
 """

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hpcalign.comm.control import TAG_RENDEZVOUS, Control
+from hpcalign.durable import atomic_write_text
 
 
 def _free_port() -> int:
@@ -72,10 +73,7 @@ def init_distributed(control: Control, run_dir: str, backend: str, timeout_s: fl
         if backend == "auto":
             backend = "gloo"
         address = {"host": _own_address(), "port": _free_port(), "backend": backend}
-        path = os.path.join(run_dir, "rendezvous.json")
-        with open(path + ".tmp", "w") as handle:
-            json.dump(address, handle)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(run_dir, "rendezvous.json"), json.dumps(address))
         for rank in range(1, comm.Get_size()):
             control.send(address, dest=rank, tag=TAG_RENDEZVOUS)
     else:

@@ -368,7 +368,7 @@ def cancel_run(run_dir: str, checkpoint: bool = False) -> str:
     if state == "COMPLETING":
         return f"job {job_id} is already ending (COMPLETING); nothing to cancel"
     if checkpoint:
-        Path(run_dir, "stop-requested").write_text(f"{time.time()}\n")
+        atomic_write_text(os.path.join(run_dir, "stop-requested"), f"{time.time()}\n")
         run_slurm(["scancel", "--signal=USR1", job_id])
         return f"job {job_id} ({state}): asked to checkpoint and stop (USR1)"
     HetSlurmJob(folder=submitit_folder(run_dir), job_id=job_id).cancel()

@@ -44,3 +44,22 @@ def test_a_rank_killed_by_a_signal_wins_over_its_peers_secondary_errors(tmp_path
          "error": "RuntimeError: Connection reset by peer", "time": 1}))
     tail = "prterun noticed that process rank 1 with PID 7 on node x exited on\nsignal 9 (Killed).\n"
     assert explain_failure(str(tmp_path), tail, 137).startswith("generator 0 (world rank 1) died")
+
+
+def test_the_launchers_import_no_model_code():
+    """The launchers (local mpiexec, Slurm, submit and run) touch no torch model: model
+    preparation runs in a child (hpcalign.models.prepare) or a role, so `hpcalign submit`
+    and the Slurm job's helpers start fast on a login node without torch's import cost."""
+    import subprocess
+    import sys
+
+    modules = ("hpcalign.launch.local", "hpcalign.launch.slurm", "hpcalign.launch.slurm_job",
+               "hpcalign.launch.sbatch_text", "hpcalign.launch.claim",
+               "hpcalign.commands.submit", "hpcalign.commands.run")
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+            "print(sorted({k.split('.')[0] if not k.startswith('hpcalign.') else "
+            "'.'.join(k.split('.')[:2]) for k in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120).stdout
+    for forbidden in ("'torch'", "'transformers'", "'hpcalign.models'", "'hpcalign.engines'"):
+        assert forbidden not in loaded, forbidden

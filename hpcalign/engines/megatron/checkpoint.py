@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpcalign.durable import fsync_dir
+from hpcalign.durable import atomic_write_text, fsync_dir, fsync_tree
 from hpcalign.engines.megatron.parallel import megatron_world
 from hpcalign.errors import UserError
 from hpcalign.launch.rundir import checkpoint_dir, list_checkpoints
@@ -123,9 +123,9 @@ def save_training_checkpoint(engine: Any, run_dir: str, step: int, state: dict[s
     _results_queue_without_spawn()
     dist_checkpointing.save(sharded, os.path.join(tmp, "megatron"))
     if rank == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as handle:
-            json.dump({**state, "rng": torch.get_rng_state().tolist(),
-                       "engine": "megatron"}, handle)
+        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(
+            {**state, "rng": torch.get_rng_state().tolist(), "engine": "megatron"}))
+        fsync_tree(tmp)  # every rank's shards and the HF export, before the rename
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(os.path.dirname(final))
