@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # vLLM's CPU build pins transformers<5.20 and numpy<2.4: it gets a venv of its own
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
-VLLM_TESTS := tests/integration/test_vllm_engine.py tests/integration/test_vllm_grpo.py tests/integration/test_vllm_tp.py
+VLLM_TESTS := tests/integration/test_vllm_engine.py tests/integration/test_vllm_grpo.py tests/integration/test_vllm_tp.py \
+              tests/gpu/test_vllm_gpu.py
 PYTEST_ARGS ?=
 ARGS ?=
 
