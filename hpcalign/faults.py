@@ -18,8 +18,8 @@ shard N of a part written, before the next). `@N` restricts a point to step N
 (for `write:` points: the N-th such write, counted from 1).
 
 Actions: `kill` (default: SIGKILL of this process, as a node failure does) or `pause`
-(write `RUN_DIR/faults/<point>.paused`, then sleep `PAUSE_S`: the test acts from outside,
-e.g. `scontrol requeue`). A point fires once per RUN_DIR: `RUN_DIR/faults/<spec>.fired` is
+(write `RUN_DIR/faults/<point>.paused`, then wait `PAUSE_S` or until the test removes that
+file: the test acts from outside meanwhile, e.g. `scontrol requeue`, then lets it go on). A point fires once per RUN_DIR: `RUN_DIR/faults/<spec>.fired` is
 written first, so a resumed run with the same environment (a requeued Slurm job) runs on.
 Without `HPCALIGN_FAULTS` every call is a dictionary lookup and nothing else.
 """
@@ -82,8 +82,11 @@ def maybe_fire(point: str, step: int | None = None, path: str | None = None) -> 
     except FileExistsError:
         return  # fired in an earlier attempt
     if action == "pause":
-        with open(os.path.join(marker_dir, f"{name}.paused"), "w") as handle:
+        paused = os.path.join(marker_dir, f"{name}.paused")
+        with open(paused, "w") as handle:
             handle.write(f"{os.getpid()}\n")
-        time.sleep(PAUSE_S)
+        deadline = time.monotonic() + PAUSE_S
+        while os.path.exists(paused) and time.monotonic() < deadline:
+            time.sleep(0.1)
         return
     os.kill(os.getpid(), signal.SIGKILL)

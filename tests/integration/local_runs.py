@@ -29,10 +29,12 @@ def hpcalign_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "hpcalign.cli", *args]
 
 
-def start_run(run_dir, *overrides: str) -> subprocess.Popen:
+def start_run(run_dir, *overrides: str, faults: str | None = None) -> subprocess.Popen:
+    """`hpcalign run` of the TINY quickstart in the background; `faults`: HPCALIGN_FAULTS."""
     argv = hpcalign_argv("run", QUICKSTART, f"run_dir={run_dir}", *TINY, *overrides)
+    env = dict(os.environ, HPCALIGN_FAULTS=faults) if faults else None
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=ROOT)
+                            start_new_session=True, cwd=ROOT, env=env)
 
 
 def run_to_end(run_dir, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -34,8 +34,15 @@ def assert_equal_runs(got, expected) -> None:
 
 def test_second_run_on_a_live_run_dir_is_refused(lone, tmp_path):
     run_dir = tmp_path / "shared"
-    first = start_run(run_dir)
-    wait_for_step(run_dir, 2, first)
+    # held after its step-3 checkpoint while the second start and `status` look at it (a
+    # 10-step run may otherwise end first on a loaded machine), then let go
+    first = start_run(run_dir, faults="after-checkpoint@3:pause")
+    paused = run_dir / "faults" / "after-checkpoint@3.paused"
+    deadline = time.monotonic() + 240
+    while not paused.exists():
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached its step-3 checkpoint"
+        time.sleep(0.1)
     started = time.monotonic()
     second = subprocess.run(hpcalign_argv("run", os.path.join(ROOT, "configs", "quickstart.yaml"),
                                           f"run_dir={run_dir}", "trainer.steps=10"),
@@ -49,6 +56,7 @@ def test_second_run_on_a_live_run_dir_is_refused(lone, tmp_path):
     status = subprocess.run(hpcalign_argv("status", str(run_dir)), capture_output=True,
                             text=True, timeout=60, cwd=ROOT)
     assert f"local run pid {first.pid}" in status.stdout and ": alive" in status.stdout
+    paused.unlink()
     _, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-3000:]
     assert_equal_runs(run_dir, lone)

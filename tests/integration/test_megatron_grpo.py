@@ -6,18 +6,21 @@ Real megatron-core on CPU/gloo under real mpiexec, no mocks:
   what `hpcalign convert megatron-to-hf` exports from the trainer's dist checkpoint;
 - `configs/grpo-megatron-tiny.yaml` (TP=2 trainer + torch generator, 3 MPI ranks) through
   `hpcalign run`: a trainer rank SIGKILLed mid-run ends the job naming it; the same
-  command resumes from the last checkpoint and finishes; the reward rises.
+  command resumes from the last checkpoint and finishes (the reward's rise over 200 steps
+  is a figure of docs/megatron.md, not a test: minutes of CI).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 import torch
-from local_runs import ROOT, hpcalign_argv, metrics
+from local_runs import ROOT, TINY, hpcalign_argv, kill_job, metrics, role_pids
 from safetensors.torch import load_file
 from standins import llama_standin, qwen_standin
 from test_megatron_engine import mpiexec  # one mpiexec-a-script helper
@@ -26,8 +29,6 @@ pytest.importorskip("megatron.core")
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "mpi_scripts")
 CONFIG = os.path.join(ROOT, "configs", "grpo-megatron-tiny.yaml")
-
-
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2xpp2"])
@@ -63,11 +64,6 @@ def test_synced_generator_equals_the_megatron_to_hf_export(tmp_path, layout):
 
 
 # ---------------------------------------------------------------- a run
-STEPS = 60
-OVERRIDES = [f"trainer.steps={STEPS}", "checkpoint.every_steps=20", "log.eval_every_steps=30",
-             "log.progress=false", "log.tensorboard=false", "comm.timeout_s=60"]
-
-
 def _wait_for_step(run_dir, step: int, proc: subprocess.Popen, err_path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not any(row["step"] >= step for row in metrics(run_dir)):
@@ -93,5 +89,32 @@ def _world_rank(pid: int) -> int | None:
     return int(value) if value is not None else None
 
 
-# NOTE: the run test (kill a megatron trainer rank, resume, reward rises) is not here:
-# a SIGKILLed megatron rank did not end the job within 120 s (docs/megatron.md).
+def test_killed_megatron_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path):
+    """configs/grpo-megatron-tiny.yaml (TP=2 megatron trainer + torch generator, 3 ranks)
+    at the tests' small shape: trainer rank 1 SIGKILLed after a dist checkpoint ends the
+    whole job within seconds, naming the rank; the same command resumes and finishes."""
+    run_dir = tmp_path / "run"
+    argv = hpcalign_argv("run", CONFIG, f"run_dir={run_dir}", *TINY)
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                                start_new_session=True)
+    try:
+        _wait_for_step(run_dir, 4, proc, err_path, timeout=400)  # past the step-3 checkpoint
+        ranks = [pid for pid in role_pids(run_dir, "trainer") if _world_rank(pid) == 1]
+        # the rank, not its forked helpers (megatron's checkpoint Manager has its argv)
+        (victim,) = [pid for pid in ranks if _parent(pid) not in ranks]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    assert time.monotonic() - killed < 60, "the job outlived its dead megatron rank"
+    assert proc.returncode != 0
+    assert "trainer 1 (world rank 1)" in err_path.read_text(), err_path.read_text()[-2000:]
+    assert not role_pids(run_dir, "trainer") and not role_pids(run_dir, "generator")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["state"] == "done" and state["step"] == 10, state

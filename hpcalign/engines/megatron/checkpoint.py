@@ -93,11 +93,34 @@ def _results_queue_without_spawn() -> None:
     MPI_Init again under mpiexec and hangs (seen: a TP=2 save still waiting after 10 min).
     A forked Manager starts the same server without re-importing anything."""
     import multiprocessing
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(initializer=_detach_from_rank)
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _detach_from_rank() -> None:
+    """In the Manager's server process: die with the rank, and let go of its stdio.
+
+    NOTE: the forked server inherits the rank's stdout/stderr, the pipes mpiexec (or srun)
+    reads; mpiexec counts a rank as ended only once those close, so a SIGKILLed rank whose
+    server lived on kept the whole job waiting (seen: not ended after 120 s).
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @megatron_world()
