@@ -27,12 +27,18 @@ LEARNING_RUN = ["trainer.steps=100", "checkpoint.every_steps=0", "log.progress=f
     ("reinforce-pp-tiny.yaml", ()),
     ("reinforce-pp-tiny.yaml", ("trainer.advantage_estimator=reinforce_pp",)),
     ("dapo-tiny.yaml", ()),
-], ids=["rloo", "reinforce-pp-baseline", "reinforce-pp", "dapo"])
+    ("quickstart.yaml", ("trainer.scale_rewards=false",
+                         "trainer.loss_aggregation=seq-mean-token-sum-norm")),
+    ("quickstart.yaml", ("trainer.importance_ratio=sequence",
+                         "trainer.loss_aggregation=seq-mean-token-mean")),
+], ids=["rloo", "reinforce-pp-baseline", "reinforce-pp", "dapo", "dr-grpo", "gspo"])
 def test_variant_config_learns_reverse(tmp_path, config, extra):
     """Each variant's config as shipped (RLOO; REINFORCE++-baseline with the KL in the
     reward, and plain REINFORCE++ from the same config; DAPO's clip-higher, token-mean,
-    dynamic sampling and refill), 100 of its 800 steps (~25-60 s each on a quiet 2-core
-    machine): the mean sampled reward clearly rises (first 20 steps against the last 20)."""
+    dynamic sampling and refill), and Dr. GRPO (no std scaling, a constant length norm)
+    and GSPO (the sequence-level ratio) on the quickstart's: 100 of its 800 steps (~25-60 s
+    each on a quiet 2-core machine): the mean sampled reward clearly rises (first 20 steps
+    against the last 20)."""
     run_dir = tmp_path / "run"
     argv = hpcalign_argv("run", os.path.join(ROOT, "configs", config), f"run_dir={run_dir}",
                          *LEARNING_RUN, *extra)
