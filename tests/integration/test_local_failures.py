@@ -9,17 +9,22 @@ import time
 from local_runs import ROOT, role_pids, start_run, wait_for_step
 
 
+def _kill_and_expect_named(proc, run_dir, role: str, named: str) -> None:
+    """SIGKILL the run's one `role` rank: the job ends within 30 s, its error naming it."""
+    (victim,) = role_pids(run_dir, role)
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    _out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30, f"the job outlived its dead {role}"
+    assert proc.returncode != 0
+    assert named in err, err[-2000:]
+
+
 def test_killed_generator_fails_fast_naming_the_rank(tmp_path):
     run_dir = tmp_path / "run"
     proc = start_run(run_dir, "trainer.steps=200", "comm.timeout_s=120")
     wait_for_step(run_dir, 2, proc)
-    (generator,) = role_pids(run_dir, "generator")
-    os.kill(generator, signal.SIGKILL)
-    killed = time.monotonic()
-    _out, err = proc.communicate(timeout=60)
-    assert time.monotonic() - killed < 30, "the job outlived its dead generator"
-    assert proc.returncode != 0
-    assert "generator 0 (world rank 1)" in err, err[-2000:]
+    _kill_and_expect_named(proc, run_dir, "generator", "generator 0 (world rank 1)")
     assert not role_pids(run_dir, "trainer"), "trainer left running"
     status = subprocess.run([sys.executable, "-m", "hpcalign.cli", "status", str(run_dir)],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -55,11 +60,5 @@ def test_killed_exclusive_reference_fails_fast_naming_the_model(tmp_path):
     proc = start_run(run_dir, "trainer.steps=200", "comm.timeout_s=120",
                      "models.reference.placement=exclusive")
     wait_for_step(run_dir, 2, proc)
-    (reference,) = role_pids(run_dir, "reference")
-    os.kill(reference, signal.SIGKILL)
-    killed = time.monotonic()
-    _out, err = proc.communicate(timeout=60)
-    assert time.monotonic() - killed < 30, "the job outlived its dead reference"
-    assert proc.returncode != 0
-    assert "reference 0 (world rank 2)" in err, err[-2000:]
+    _kill_and_expect_named(proc, run_dir, "reference", "reference 0 (world rank 2)")
     assert not role_pids(run_dir, "trainer") and not role_pids(run_dir, "generator")
