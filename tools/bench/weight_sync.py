@@ -16,6 +16,7 @@ seconds are summed over ranks (compare those when other jobs load the machine).
 
     python tools/bench/weight_sync.py                    # buckets 16 and 64 MB, 7 repeats
     python tools/bench/weight_sync.py --bucket-mb 64 --repeat 9 --receivers 2
+    python tools/bench/weight_sync.py --bucket-mb 64 --repeat 9 --layers 48   # ~610 MB
 
 Prints ONE JSON line: median seconds of each, their ratio (target: named <= 1.2 x raw)
 and GB/s. The processes use 1 torch thread each by default (2 processes on 2 cores).
@@ -61,7 +62,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
-    model = build_model(INIT.model_copy(update={"seed": rank}), vocab_size=VOCAB)
+    model = build_model(INIT.model_copy(update={"seed": rank, "layers": args.layers}),
+                        vocab_size=VOCAB)
     model.requires_grad_(False)
     result: dict = {}
     for bucket_mb in args.bucket_mb:
@@ -102,7 +104,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
             "raw_all_s": [round(t, 4) for t, _ in times["raw"]],
             "named_all_s": [round(t, 4) for t, _ in times["named"]]}
         if rank == 1:  # the receiver really got the sender's weights
-            expected = build_model(INIT, vocab_size=VOCAB)
+            expected = build_model(INIT.model_copy(update={"layers": args.layers}),
+                                   vocab_size=VOCAB)
             assert all(torch.equal(a, b) for a, b in zip(model.parameters(),
                                                          expected.parameters()))
     if rank == 0:
@@ -118,6 +121,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--receivers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=INIT.layers,
+                        help="decoder layers (~12 MB each): 48 makes ~610 MB, 10 buckets of 64 MB")
     args = parser.parse_args()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
