@@ -25,6 +25,7 @@ built-in `partial_match` reward (TRL gets the same function, restated).
     python tools/bench/grpo_throughput.py --model DIR --staleness 0
     python tools/bench/grpo_throughput.py --autocast bf16 --no-trl   # the bf16 figure
     python tools/bench/grpo_throughput.py --variant dapo --staleness 0 --compile off
+    .venv-vllm/bin/python tools/bench/grpo_throughput.py --variant vllm_generator --no-trl
 
 Prints ONE JSON line. Targets: samples_per_s >= 0.9 x floor_samples_per_s, and
 >= 1.25 x TRL's samples_per_s.
@@ -142,6 +143,9 @@ VARIANTS: dict[str, list[str]] = {
     "kl_in_reward": ["trainer.kl_in_reward=true", "trainer.kl_estimator=k1"],
     "two_updates": ["trainer.updates_per_batch=2"],
     "online_dpo": ["algorithm=online_dpo"],
+    # the same GRPO with a vLLM generator (run from .venv-vllm; the floor stays the HF one)
+    "vllm_generator": ["generator.backend=vllm", "generator.vllm.kv_cache_gb=0.5",
+                       "generator.vllm.max_model_len=64", "generator.vllm.enforce_eager=true"],
     "ppo": ["algorithm=ppo"],
 }
 
