@@ -349,3 +349,18 @@ def test_every_field_reaches_bash_intact(weird_tmp_path: Path, tmp_path: Path) -
         assert (tmp_path / f"{comp}-setup").read_text() == hostile(f"{comp}.setup")
     for where in (tmp_path, weird_tmp_path, Path.cwd()):
         assert not (where / "PWNED").exists(), f"a config value was executed (in {where})"
+
+
+@pytest.mark.parametrize("name", sorted(
+    p.stem for p in (REPO / "configs").glob("*.yaml")
+    if p.stem not in ("dpo-tiny", "rm-tiny") and not p.stem.startswith(("plan-", "study-"))))
+def test_every_shipped_run_config_makes_a_valid_het_job(name: str) -> None:
+    """`hpcalign submit configs/NAME.yaml --dry-run` works for every run config we ship
+    (ranks fit their components' tasks, every value is safe in the text)."""
+    user_values = {  # what those configs leave to the user (their docs' commands)
+        "grpo-hf": ["model.path=/m", "data.train=/d.jsonl", "reward.functions=[exact_match]"],
+        "ppo-tiny": ["models.policy.path=/sft", "models.reward.path=/rm"]}
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"),
+                      ["run_dir=/shared/runs/x", *user_values.get(name, [])])
+    text = hetjob_sbatch_text(cfg, cfg.run_dir, PYTHON)
+    assert text.count("#SBATCH hetjob") == 1 and "srun" in text
