@@ -6,6 +6,7 @@ Job states are read through submitit with hpcalign's het-aware watcher, as users
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -441,6 +442,26 @@ def test_online_dpo_and_a_grpo_variant_run_as_het_jobs(tmp_path):
     assert all("pairs" in r and "rewards_chosen" in r for r in metrics(tmp_path / "online_dpo")
                if r["pairs"])
     assert all("groups_dropped" in r for r in metrics(tmp_path / "dapo_rloo"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                    reason="megatron-core is not installed (make test installs it)")
+def test_megatron_trainer_runs_as_a_het_job(tmp_path):
+    """configs/grpo-megatron-tiny.yaml through `hpcalign submit`: a TP=2 megatron-core
+    trainer (two tasks of component 0, on `train`) and a torch generator (on `gen`)."""
+    run_dir = tmp_path / "megatron"
+    out = hpcalign("submit", str(ROOT / "configs" / "grpo-megatron-tiny.yaml"),
+                   f"run_dir={run_dir}", *TINY, "trainer.steps=6").stdout
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    _SUBMITTED.append(job_id)
+    assert "2 trainer rank(s) on partition 'train'" in out, out
+    assert wait_done(run_dir, job_id) == "COMPLETED"
+    rows = sacct_components(job_id)
+    assert rows[f"{job_id}+0"]["partition"] == "train"
+    assert rows[f"{job_id}+1"]["partition"] == "gen"
+    assert [r["step"] for r in metrics(run_dir)] == list(range(6))
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["state"] == "done" and state["step"] == 6
 
 
 # ------------------------------------------------ boundaries and ownership (last: they
