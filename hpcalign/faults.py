@@ -19,8 +19,9 @@ shard N of a part written, before the next). `@N` restricts a point to step N
 
 Actions: `kill` (default: SIGKILL of this process, as a node failure does) or `pause`
 (write `RUN_DIR/faults/<point>.paused`, then wait `PAUSE_S` or until the test removes that
-file: the test acts from outside meanwhile, e.g. `scontrol requeue`, then lets it go on). A point fires once per RUN_DIR: `RUN_DIR/faults/<spec>.fired` is
-written first, so a resumed run with the same environment (a requeued Slurm job) runs on.
+file: the test acts from outside meanwhile, e.g. `scontrol requeue`, then lets it go on).
+A point fires once per RUN_DIR: `RUN_DIR/faults/<spec>.fired` is written first, so a
+resumed run with the same environment (a requeued Slurm job) runs on.
 Without `HPCALIGN_FAULTS` every call is a dictionary lookup and nothing else.
 """
 

@@ -126,17 +126,23 @@ def _describe_dead_rank(plan: dict, match: re.Match) -> str:
     return f"{role} (world rank {rank}) died: {match.group(2).strip()}"
 
 
-def _stop_with_parent() -> None:
-    """In the mpiexec child: get SIGTERM if the launcher dies, so the job never outlives it
-    unnoticed (the ranks treat SIGTERM as "checkpoint and stop")."""
+def die_with_parent(signum: int) -> None:
+    """This process gets `signum` when its parent dies (Linux PR_SET_PDEATHSIG; elsewhere
+    nothing: the process just outlives its parent)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the job just outlives the launcher
+        libc.prctl(pr_set_pdeathsig, signum)
+    except (OSError, AttributeError):  # not Linux
         pass
+
+
+def _stop_with_parent() -> None:
+    """In the mpiexec child: get SIGTERM if the launcher dies, so the job never outlives it
+    unnoticed (the ranks treat SIGTERM as "checkpoint and stop")."""
+    die_with_parent(signal.SIGTERM)
 
 
 def say_finished(run_dir: str, checkpoint: str) -> None:

@@ -117,12 +117,13 @@ def check_slurm_config(cfg: Config, run_dir: str, python: str, check_tasks: bool
     _check_text("slurm.job_name", cfg.slurm.job_name)
     from hpcalign.plan.placement import exclusive_models
 
-    for name, _model in exclusive_models(cfg):
+    exclusive = [name for name, _model in exclusive_models(cfg)]
+    if exclusive:
         # NOTE: the het job has two components (trainers, generators); a model on ranks of
         # its own would need a third, and the job would die at start on the world size
-        raise ConfigError(f"models.{name}.placement=exclusive: hpcalign submit places "
-                          f"trainers and generators only; use placement=colocated on Slurm "
-                          f"(exclusive runs locally with hpcalign run)")
+        raise ConfigError(f"models.{exclusive[0]}.placement=exclusive: hpcalign submit "
+                          f"places trainers and generators only; use placement=colocated on "
+                          f"Slurm (exclusive runs locally with hpcalign run)")
     for name, role in COMPONENTS:
         comp: Component = getattr(cfg.slurm, name)
         ranks = getattr(cfg, role).ranks

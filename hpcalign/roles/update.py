@@ -148,8 +148,7 @@ def run_update(policy: TrainingEngine, prepared: UpdateBatch, advantages: torch.
                 "logprob_mismatch_mean": float(mismatch.sum()) / token_count,
                 "loss": float(loss.detach()),
                 "pg_loss": parts["pg_loss"],
-                "kl": float((kl_estimate(logp.detach(), ref_logp, tcfg.kl_estimator)
-                             * fmask).sum()) / token_count,
+                "kl": parts["kl"],  # of trainer.kl_estimator, a token mean like the others
                 "entropy": float((entropy * fmask).sum()) / token_count,
                 "clip_frac": parts["clip_frac"],
                 "ratio_mean": parts["ratio_mean"],

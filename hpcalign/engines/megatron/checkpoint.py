@@ -110,13 +110,11 @@ def _detach_from_rank() -> None:
     reads; mpiexec counts a rank as ended only once those close, so a SIGKILLed rank whose
     server lived on kept the whole job waiting (seen: not ended after 120 s).
     """
-    import ctypes
     import signal
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        pass
+    from hpcalign.launch.local import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
