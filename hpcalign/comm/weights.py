@@ -340,6 +340,7 @@ class NamedWeightSender:
         self.spec: WeightSpec | None = None
         self._buckets: list[Bucket] = []
         self._staging: list[torch.Tensor] = []  # two reused flat buffers, bytes
+        self.copied_bytes = 0  # flattened into staging by the last sync
 
     def _tensors(self) -> list[torch.Tensor]:
         named = unique_named_tensors(self._named())
@@ -371,14 +372,61 @@ class NamedWeightSender:
         Returns when every bucket is sent: the caller may then change the tensors.
         """
         tensors = self._tensors()
-        _send_buckets(self._buckets, lambda bucket: [tensors[i] for i in bucket.indices],
-                      self._staging, self.src, self.group)
+        self.copied_bytes = _send_buckets(
+            self._buckets, lambda bucket: [tensors[i] for i in bucket.indices],
+            self._staging, self.src, self.group)
+
+
+def coalesce_in_place(named: NamedTensors, bucket_mb: float) -> int:
+    """Make each weight-sync bucket of `named` one flat buffer that the tensors are views of.
+
+    `NamedWeightSender` then broadcasts such a bucket as it lies, without flattening it
+    into its staging buffer: Megatron's contiguous parameter buffers, for the sync. The
+    tensors (parameters: their `.data` is rebound) keep their values, objects and
+    gradients; an optimizer built before or after sees the same parameters. Call it with
+    the sender's own `named` and `bucket_mb`, before the first sync and before anything
+    keeps a raw pointer (a CUDA graph). Memory stays the model's plus one bucket while it
+    runs. Returns the number of bytes now laid out per bucket.
+    """
+    tensors = unique_named_tensors(named)
+    if not tensors:
+        return 0
+    spec = WeightSpec.of(tensors, max(1, int(bucket_mb * 1024 * 1024)))
+    laid_out = 0
+    with torch.no_grad():
+        for bucket in spec.buckets():
+            parts = [tensors[i][1] for i in bucket.indices]
+            if (len(parts) < 2 or len({p.device for p in parts}) > 1
+                    or _back_to_back(parts) is not None):
+                continue  # a lone tensor is sent as it lies anyway
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=parts[0].device)
+            for part, offset in zip(parts, bucket.offsets):
+                view = flat[offset:offset + part.numel()].view(part.shape)
+                view.copy_(part)
+                part.data = view
+            laid_out += bucket.nbytes
+    return laid_out
+
+
+def _back_to_back(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view over `parts` if they lie contiguously, in order, in one storage."""
+    first = parts[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for part in parts:
+        if (not part.is_contiguous() or part.dtype != first.dtype
+                or part.device != first.device
+                or part.untyped_storage().data_ptr() != storage
+                or part.storage_offset() != offset):
+            return None
+        offset += part.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
 
 
 def _send_buckets(buckets: Sequence[Bucket], parts_of: Callable[[Bucket], list[torch.Tensor]],
-                  staging: list[torch.Tensor], src: int, group: dist.ProcessGroup | None) -> None:
+                  staging: list[torch.Tensor], src: int, group: dist.ProcessGroup | None) -> int:
     """Broadcast each bucket's tensors (`parts_of(bucket)`, asked for in bucket order) as
-    one flat buffer, two buckets in flight."""
+    one flat buffer, two buckets in flight. Returns the bytes copied into staging (0 when
+    every bucket lies flat already: `coalesce_in_place`)."""
     # NOTE: two staging buffers, so bucket k+1 is flattened while bucket k is on the
     # wire (async broadcast): on a 2-core CPU machine this took the named sync from
     # 1.5-2.1x a raw broadcast of the same buckets to 1.03-1.2x with 6 or more
@@ -388,6 +436,7 @@ def _send_buckets(buckets: Sequence[Bucket], parts_of: Callable[[Bucket], list[t
     # alive until its broadcast is done (a streamed one has no other owner).
     works: list[dist.Work | None] = [None, None]
     held: list[torch.Tensor | None] = [None, None]
+    copied = 0
     for k, bucket in enumerate(buckets):
         parts = [tensor.detach() for tensor in parts_of(bucket)]
         if not bucket.numel:
@@ -395,16 +444,17 @@ def _send_buckets(buckets: Sequence[Bucket], parts_of: Callable[[Bucket], list[t
         slot = k % 2
         if works[slot] is not None:
             works[slot].wait()  # that buffer's previous bucket has left
-        if len(parts) == 1 and parts[0].is_contiguous():
-            flat = parts[0].view(-1)  # a lone tensor goes as is: no copy
-        else:
+        flat = _back_to_back(parts)  # a lone tensor, or a coalesced bucket: no copy
+        if flat is None:
             flat = staging[slot][:bucket.nbytes].view(bucket.dtype)
             torch.cat([p.reshape(-1) for p in parts], out=flat)
+            copied += bucket.nbytes
         held[slot] = flat
         works[slot] = dist.broadcast(flat, src=src, group=group, async_op=True)
     for work in works:
         if work is not None:
             work.wait()
+    return copied
 
 
 class StreamedWeightSender:
@@ -437,6 +487,7 @@ class StreamedWeightSender:
         self.device = torch.device(device)
         self._buckets = self.spec.buckets()
         self._sent_spec = False
+        self.copied_bytes = 0  # flattened into staging by the last sync
         size = max((b.nbytes for b in self._buckets if len(b.indices) > 1), default=0)
         self._staging = [torch.empty(size, dtype=torch.uint8, device=self.device)
                          for _ in range(2)]
@@ -465,7 +516,8 @@ class StreamedWeightSender:
                 parts.append(tensor)
             return parts
 
-        _send_buckets(self._buckets, parts_of, self._staging, self.src, self.group)
+        self.copied_bytes = _send_buckets(self._buckets, parts_of, self._staging, self.src,
+                                          self.group)
         extra = next(stream, None)
         if extra is not None:
             raise ValueError(f"weight sync: the stream gave {extra[0]!r} after the "
@@ -479,7 +531,9 @@ class NamedWeightReceiver:
     valid only during the call, so a loader copies (and casts) them into its weights. If
     `load` has a `check_spec(spec)` method (`load_into_module`'s has), it runs once when
     the spec arrives, before any bucket, so a layout mismatch fails naming every bad name
-    at once. The bucket size is the sender's: it travels in the spec.
+    at once. If it has `bind(spec, buckets, device)` (`load_into_module`'s has), the
+    buffers it returns are the weights themselves: those buckets are received in place,
+    with no load. The bucket size is the sender's: it travels in the spec.
     """
 
     def __init__(self, load: Loader, src: int = 0, group: dist.ProcessGroup | None = None,
@@ -491,6 +545,8 @@ class NamedWeightReceiver:
         self.spec: WeightSpec | None = None
         self._buckets: list[Bucket] = []
         self._buffers: list[torch.Tensor] = []  # two reused receive buffers, bytes
+        self._bound: list[torch.Tensor | None] = []  # per bucket: the weights themselves
+        self.copied_bytes = 0  # handed to `load` by the last sync
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -501,14 +557,20 @@ class NamedWeightReceiver:
             if check is not None:
                 check(self.spec)
             self._buckets = self.spec.buckets()
-            size = max((b.nbytes for b in self._buckets), default=0)
+            bind = getattr(self.load, "bind", None)
+            self._bound = (bind(self.spec, self._buckets, self.device) if bind is not None
+                           else [None] * len(self._buckets))
+            size = max((b.nbytes for b, flat in zip(self._buckets, self._bound)
+                        if flat is None), default=0)
             self._buffers = [torch.empty(size, dtype=torch.uint8, device=self.device)
                              for _ in range(2)]
         specs = self.spec.tensors
+        self.copied_bytes = 0
 
         def post(k: int) -> tuple[torch.Tensor, dist.Work | None]:
-            bucket = self._buckets[k]
-            flat = self._buffers[k % 2][:bucket.nbytes].view(bucket.dtype)
+            bucket, bound = self._buckets[k], self._bound[k]
+            flat = bound if bound is not None else \
+                self._buffers[k % 2][:bucket.nbytes].view(bucket.dtype)
             if not bucket.numel:
                 return flat, None
             return flat, dist.broadcast(flat, src=self.src, group=self.group, async_op=True)
@@ -524,8 +586,11 @@ class NamedWeightReceiver:
             pending = post(k + 1) if k + 1 < len(self._buckets) else None
             if work is not None:
                 work.wait()
-            self.load([(specs[i].name, flat[offset:offset + specs[i].numel].view(specs[i].shape))
-                       for i, offset in zip(bucket.indices, bucket.offsets)])
+            if self._bound[k] is None:
+                self.load([(specs[i].name,
+                            flat[offset:offset + specs[i].numel].view(specs[i].shape))
+                           for i, offset in zip(bucket.indices, bucket.offsets)])
+                self.copied_bytes += bucket.nbytes
 
 
 class ModuleLoader:
@@ -573,6 +638,39 @@ class ModuleLoader:
                                          ("shape or kind mismatch", mismatched)) if names]
             raise ValueError("weight sync: the sent weights do not fit this model: "
                              + "; ".join(parts))
+
+    @torch.no_grad()
+    def bind(self, spec: WeightSpec, buckets: Sequence[Bucket],
+             device: torch.device) -> list[torch.Tensor | None]:
+        """Per bucket, a flat buffer on `device` that the bucket's parameters become views
+        of (their values copied in first), or None where the bucket cannot be received in
+        place: a name renamed away or not a parameter, a dtype or shape that differs (a
+        bf16 generator of an fp32 trainer casts in `__call__`), another device.
+
+        The receiver then broadcasts straight into the model: no receive buffer, no copy.
+        Only for a model nothing reads while a sync runs (the generator role samples and
+        syncs in turn); buckets bound by an earlier receiver are bound afresh.
+        """
+        parameters = {id(param) for param in self.required.values()}
+        taken: set[int] = set()
+        bound: list[torch.Tensor | None] = []
+        for bucket in buckets:
+            targets = [self._target(spec.tensors[i].name)[1] for i in bucket.indices]
+            if not bucket.numel or len({id(t) for t in targets}) != len(targets) or not all(
+                    target is not None and id(target) in parameters and id(target) not in taken
+                    and target.dtype == sent.dtype and tuple(target.shape) == sent.shape
+                    and target.device == device
+                    for target, sent in zip(targets, (spec.tensors[i] for i in bucket.indices))):
+                bound.append(None)
+                continue
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+            for target, offset in zip(targets, bucket.offsets):
+                view = flat[offset:offset + target.numel()].view(target.shape)
+                view.copy_(target)
+                target.data = view
+                taken.add(id(target))
+            bound.append(flat)
+        return bound
 
     @torch.no_grad()
     def __call__(self, named: list[tuple[str, torch.Tensor]]) -> None:

@@ -12,7 +12,8 @@ A *training engine* owns a model (and, if it trains, its optimizer):
     batch = engine.pack(prompts, completions)                # [B, T] tensors on its device
     logp, entropy = engine.logprobs(batch, temperature=1.0)  # no grad (reference, old)
     result = engine.train_step([batch, ...], loss_fn, temperature=1.0)
-    engine.named_weights()                                   # [(name, tensor)] for the sync
+    engine.named_weights()                                   # [(name, tensor)] by HF name
+    engine.weight_sender(bucket_mb=64, src=0, group=g).sync()  # publish to the generators
     engine.save_checkpoint(run_dir, step, state, keep) / engine.load_checkpoint(run_dir, step)
 
 A *generation engine* samples completions and takes new weights in place:
@@ -137,6 +138,12 @@ class TrainingEngine(Protocol):
 
     def named_weights(self) -> list[tuple[str, Any]]:
         """The weights by name, as the weight sync sends them (tied weights once)."""
+        ...
+
+    def weight_sender(self, bucket_mb: float, src: int = 0, group: Any = None) -> Any:
+        """The sending side of the weight sync: `.sync()` on every rank of this engine
+        publishes the current weights by name (rank `src` broadcasts them to `group`, the
+        generators' `NamedWeightReceiver`s)."""
         ...
 
     def save_model(self, out_dir: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpcalign.comm.weights import allreduce_gradients
+from hpcalign.comm.weights import NamedWeightSender, allreduce_gradients, coalesce_in_place
 from hpcalign.config.schema import Config
 from hpcalign.engines.base import LossFn, OptimizerSpec, TrainStepResult
 from hpcalign.engines.torch_generation import TorchGenerationEngine
@@ -130,6 +130,14 @@ class TorchTrainingEngine:
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Parameters by name (a tied weight once, under its first name)."""
         return list(self.model.named_parameters())
+
+    def weight_sender(self, bucket_mb: float, src: int = 0,
+                      group: dist.ProcessGroup | None = None) -> NamedWeightSender:
+        """The weight sync's sending side (`.sync()` on rank `src`). The parameters are
+        laid out bucket by bucket first (`coalesce_in_place`), so a sync broadcasts them
+        where they lie: no flattening copy of the model at every version."""
+        coalesce_in_place(self.named_weights(), bucket_mb)
+        return NamedWeightSender(self.named_weights, bucket_mb, src=src, group=group)
 
     def save_model(self, out_dir: str) -> None:
         """An HF directory: safetensors weights + the input model's other files as they were."""

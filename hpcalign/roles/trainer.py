@@ -31,7 +31,6 @@ import torch.distributed as dist
 from hpcalign import faults
 from hpcalign.algorithms.losses import sft_loss
 from hpcalign.comm.control import TAG_CONTROL, TAG_MODEL, TAG_SHARD, TAG_TRAINERS
-from hpcalign.comm.weights import NamedWeightSender
 from hpcalign.data.datasets import filter_prompts, indices_for_step
 from hpcalign.data.shards import RolloutBatch, read_shard, shard_path
 from hpcalign.data.sources import ANSWER, load_sources, render
@@ -214,12 +213,8 @@ class Trainer:
             self.recorded_shards = {int(k): {int(g): c for g, c in v.items()}
                                     for k, v in state.get("shards", {}).items()}
             log.info("resumed from checkpoint step %d", self.start_step)
-        if hasattr(self.policy, "weight_sender"):  # megatron: streamed from every trainer rank
-            self.sender = self.policy.weight_sender(cfg.sync.bucket_mb, src=0,
-                                                    group=self.ctx.sync_group)
-        else:
-            self.sender = NamedWeightSender(self.policy.named_weights, cfg.sync.bucket_mb,
-                                            src=0, group=self.ctx.sync_group)
+        self.sender = self.policy.weight_sender(cfg.sync.bucket_mb, src=0,
+                                                group=self.ctx.sync_group)
         self.metrics = MetricsWriter(self.ctx.run_dir, cfg.log.tensorboard) if self.is_leader else None
 
     def _exclusive_models(self, ref_dir: str) -> dict[str, Any]:

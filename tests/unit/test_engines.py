@@ -18,6 +18,7 @@ from standins import llama_standin, nopad_standin, qwen_standin
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hpcalign.algorithms.grpo import grpo_loss
+from hpcalign.comm.weights import WeightSpec
 from hpcalign.config.load import load_config
 from hpcalign.config.schema import ModelInit, TrainerConfig
 from hpcalign.engines import (
@@ -66,11 +67,18 @@ def test_registries_name_the_torch_engines():
         build_training_engine("jax", "/nowhere", None)
 
 
-def test_train_step_equals_the_direct_grpo_step_bitwise(char_dir):
+@pytest.mark.parametrize("coalesced", [False, True], ids=["as-loaded", "coalesced"])
+def test_train_step_equals_the_direct_grpo_step_bitwise(char_dir, coalesced):
+    """Also once `weight_sender` has laid the parameters out bucket by bucket (as the
+    trainer role does): the same step, bit for bit, and the buckets stay flat."""
     cfg = _cfg(char_dir)
     spec = OptimizerSpec(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0)
     engine = build_training_engine("torch", char_dir, cfg, device=torch.device("cpu"),
                                    optimizer=spec)
+    if coalesced:
+        sender = engine.weight_sender(bucket_mb=0.01)  # ~10 KB: several buckets
+        buckets = WeightSpec.of(engine.named_weights(), sender.bucket_bytes).buckets()
+        assert sum(len(b.indices) > 1 for b in buckets) >= 2
     reference = build_training_engine("torch", char_dir, cfg, device=torch.device("cpu"))
     prompts, completions, old = _samples(6)
     advantages = torch.linspace(-1, 1, 6)
@@ -105,6 +113,13 @@ def test_train_step_equals_the_direct_grpo_step_bitwise(char_dir):
     assert result.metrics["clip_frac"] == parts["clip_frac"]
     for (name, mine), theirs in zip(engine.named_weights(), model.parameters()):
         assert torch.equal(mine, theirs), name
+    if coalesced:  # still one storage per bucket after the optimizer step
+        weights = [t for _, t in engine.named_weights()]
+        for bucket in buckets:
+            parts = [weights[i] for i in bucket.indices]
+            assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
+            assert [p.storage_offset() - parts[0].storage_offset() for p in parts] == \
+                list(bucket.offsets)
 
 
 def test_pg_loss_and_clip_frac_do_not_depend_on_the_micro_batch(char_dir):

@@ -20,6 +20,7 @@ from hpcalign.comm.weights import (
     NamedWeightReceiver,
     NamedWeightSender,
     WeightSpec,
+    coalesce_in_place,
     load_into_module,
     unique_named_tensors,
 )
@@ -161,3 +162,48 @@ def test_unique_named_tensors_refuses_two_tensors_with_one_name():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([os.path.abspath(__file__), "-q"])
+
+
+def _in_place_worker(rank: int, init_file: str) -> None:
+    """Rank 0: a coalesced sender; rank 1: an fp32 receiver (bound in place); rank 2: a
+    bf16 receiver (cast by copy)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=3, timeout=datetime.timedelta(seconds=30))
+    try:
+        model, expected = tiny(rank), tiny(0)
+        if rank == 2:
+            model.to(torch.bfloat16)
+        if rank == 0:
+            assert coalesce_in_place(model.named_parameters(), 0.02) > 0
+            side = NamedWeightSender(model.named_parameters, 0.02, src=0)
+        else:
+            side = NamedWeightReceiver(load_into_module(model), src=0, device="cpu")
+        pointers = None
+        for version in (1, 2, 3):
+            set_version(model if rank == 0 else expected, version)
+            if rank:
+                set_version(model, 1000 + version)
+            side.sync()
+            if rank == 0:
+                assert side.copied_bytes == 0  # every bucket went as it lies
+                continue
+            got = dict(model.named_parameters(remove_duplicate=False))
+            for name, want in expected.named_parameters(remove_duplicate=False):
+                want = want if rank == 1 else want.to(torch.bfloat16)
+                assert torch.equal(got[name], want), (version, name)
+            now = [p.data_ptr() for p in model.parameters()]
+            if rank == 1:  # received into the parameters themselves: nothing loaded
+                assert side.copied_bytes == 0
+                assert pointers is None or now == pointers
+            else:
+                assert side.copied_bytes == side.spec.num_bytes
+            pointers = now
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_coalesced_sender_and_same_dtype_receiver_copy_nothing(tmp_path):
+    mp.start_processes(_in_place_worker, args=(str(tmp_path / "store"),), nprocs=3,
+                       start_method="fork")

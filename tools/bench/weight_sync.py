@@ -7,9 +7,13 @@ timed alternately, the order swapped every repeat:
 
 - raw: the sender's buckets already flat in preallocated buffers, one `dist.broadcast`
   each into a preallocated receive buffer; no names, no flattening, no load;
-- named: `NamedWeightSender.sync()` (flattens the parameters into its staging buffer)
-  → `NamedWeightReceiver.sync()` loading into the receiver's model by name
-  (`load_into_module`), after a first sync (the spec) that is not timed.
+- named: `NamedWeightSender.sync()` → `NamedWeightReceiver.sync()` into the receiver's
+  model by name (`load_into_module`), after a first sync (the spec) that is not timed.
+  The sender's parameters are laid out as the torch training engine lays them out
+  (`coalesce_in_place`, per bucket), so they go without a copy, and the receiver's
+  same-dtype parameters are bound to its receive buffers (no load copy). `--copy` keeps
+  the sender's parameters as loaded and makes the receiver load by copy: the path a
+  vLLM or bf16 generator, or a sender of scattered tensors, takes.
 
 One figure is the time from a barrier until the last rank is done (max over ranks); CPU
 seconds are summed over ranks (compare those when other jobs load the machine).
@@ -36,7 +40,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hpcalign.comm.weights import NamedWeightReceiver, NamedWeightSender, load_into_module
+from hpcalign.comm.weights import (
+    NamedWeightReceiver,
+    NamedWeightSender,
+    coalesce_in_place,
+    load_into_module,
+)
 from hpcalign.config.schema import ModelInit
 from hpcalign.models.tiny import build_model
 
@@ -68,9 +77,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
     result: dict = {}
     for bucket_mb in args.bucket_mb:
         if rank == 0:
+            if not args.copy:
+                coalesce_in_place(model.named_parameters(), bucket_mb)
             named = NamedWeightSender(model.named_parameters, bucket_mb, src=0)
         else:
-            named = NamedWeightReceiver(load_into_module(model), src=0)
+            loader = load_into_module(model)
+            if args.copy:
+                loader.bind = None  # no in-place receive: every bucket is loaded by copy
+            named = NamedWeightReceiver(loader, src=0)
         named.sync()  # first sync: the spec, buffers allocated; not timed
         buckets = named.spec.buckets()
         # raw: the same bytes in the same buckets, flat already (sender) or preallocated
@@ -101,6 +115,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
             "ratio": round(named_s / raw_s, 3), "raw_gb_s": round(gb / raw_s, 2),
             "named_gb_s": round(gb / named_s, 2),
             "raw_cpu_s": round(raw_cpu, 4), "named_cpu_s": round(named_cpu, 4),
+            "copied_mb": round(named.copied_bytes / 2**20, 1),
             "raw_all_s": [round(t, 4) for t, _ in times["raw"]],
             "named_all_s": [round(t, 4) for t, _ in times["named"]]}
         if rank == 1:  # the receiver really got the sender's weights
@@ -121,6 +136,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--receivers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--copy", action="store_true",
+                        help="the copying path: sender not coalesced, receiver loads by copy")
     parser.add_argument("--layers", type=int, default=INIT.layers,
                         help="decoder layers (~12 MB each): 48 makes ~610 MB, 10 buckets of 64 MB")
     args = parser.parse_args()
@@ -133,6 +150,7 @@ def main() -> None:
     mp.start_processes(_worker, args=(world, port, args, out), nprocs=world,
                        start_method="spawn")
     print(json.dumps({"bench": "weight_sync", "backend": "gloo", "receivers": args.receivers,
+                      "path": "copy" if args.copy else "in place",
                       "threads": args.threads, "repeat": args.repeat,
                       "torch": torch.__version__,
                       "cpu": platform.processor() or platform.machine(), **out.get()}))
