@@ -327,11 +327,24 @@ class DPOLossConfig(Section):
         return self
 
 
+class KLControlConfig(Section):
+    """How PPO's KL coefficient moves (verl's `algorithm.kl_ctrl`; algorithms/kl_control.py)."""
+
+    type: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed: ppo.kl_coef throughout; adaptive: ppo.kl_coef to start, "
+        "then moved toward target_kl after every rollout batch (Ziegler et al. 2019).")
+    target_kl: float = Field(0.1, gt=0, description="adaptive: the per-token k1 KL to the "
+                             "reference (mean over a sample's tokens, then samples) aimed at.")
+    horizon: int = Field(10000, ge=1, description="adaptive: samples over which the "
+                         "coefficient may change by about 20%.")
+
+
 class PPOConfig(Section):
     """RLHF-PPO (algorithm: ppo; roles/ppo.py): KL-shaped rewards, GAE, PPO epochs."""
 
     kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token k1 KL penalty in "
-                           "the reward.")
+                           "the reward (the starting value with kl_ctrl.type=adaptive).")
+    kl_ctrl: KLControlConfig = Field(default_factory=KLControlConfig)
     gamma: float = Field(1.0, gt=0, le=1, description="GAE discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     value_clip_eps: float = Field(0.2, gt=0, description="Clip of the value update.")
@@ -344,6 +357,13 @@ class PPOConfig(Section):
         0.0, ge=0, description="Subtracted from the score of a completion that did not end "
         "with EOS (TRL's missing_eos_penalty): a reward model never saw unfinished text and "
         "may score it high, which PPO then exploits by never stopping.")
+
+    @model_validator(mode="after")
+    def _adaptive_needs_a_start(self) -> PPOConfig:
+        if self.kl_ctrl.type == "adaptive" and self.kl_coef == 0:
+            raise ValueError("ppo.kl_ctrl.type=adaptive with ppo.kl_coef=0 never moves (it "
+                             "scales the coefficient); set ppo.kl_coef > 0 to start from")
+        return self
 
 
 class FrozenModelConfig(ModelConfig):

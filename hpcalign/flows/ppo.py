@@ -9,18 +9,24 @@ a new head), and takes PPO's epochs over mini-batches (roles/ppo.py).
 
 Placement: colocated — the reward model and the critic live on the trainer rank beside
 the policy and run in turn. The critic's state goes into the policy's checkpoint
-(`models/value/` in the same directory, one atomic rename), so resume is bitwise.
+(`models/value/` in the same directory, one atomic rename), and so does the KL
+coefficient (`ppo.kl_ctrl.type: adaptive` moves it after every batch), so resume is
+bitwise.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import torch
 
+from hpcalign.algorithms.kl_control import kl_controller
 from hpcalign.engines import OptimizerSpec, TrainStepResult
 from hpcalign.flows.api import TRAINER, Experience, Flow, FlowContext, FlowResult, Step
+
+KL_STATE = "ppo_kl.json"  # the adaptive KL coefficient, in the policy's checkpoint
 
 
 class PPOFlow(Flow):
@@ -44,6 +50,9 @@ class PPOFlow(Flow):
             seed=cfg.seed, optimizer=OptimizerSpec(lr=pcfg.value_lr,
                                                    grad_clip=cfg.trainer.grad_clip))
         ctx.models["value"] = self.critic
+        self.kl_ctl = kl_controller(pcfg.kl_ctrl.type, kl_coef=pcfg.kl_coef,
+                                    target_kl=pcfg.kl_ctrl.target_kl,
+                                    horizon=pcfg.kl_ctrl.horizon)
 
     def schedule(self) -> tuple[Step, ...]:
         base = list(super().schedule())
@@ -55,9 +64,15 @@ class PPOFlow(Flow):
 
     def save(self, directory: str) -> None:
         self.critic.save_state(os.path.join(directory, "models", "value"))
+        with open(os.path.join(directory, KL_STATE), "w") as handle:
+            json.dump({"kl_coef": self.kl_ctl.value}, handle)  # repr: exact round trip
 
     def restore(self, directory: str) -> None:
         self.critic.load_state(os.path.join(directory, "models", "value"))
+        path = os.path.join(directory, KL_STATE)
+        if os.path.exists(path):  # checkpoints from before the adaptive coefficient: fixed
+            with open(path) as handle:
+                self.kl_ctl.value = float(json.load(handle)["kl_coef"])
 
     def _scores(self, experience: Experience) -> torch.Tensor:
         """The reward model's score of each sample, else the shards' reward (NaN: 0)."""
@@ -76,7 +91,7 @@ class PPOFlow(Flow):
             unfinished = torch.tensor([not (len(c) and int(c[-1]) in eos)
                                        for c in experience.completions])
             scores = scores - pcfg.missing_eos_penalty * unfinished.float()
-        settings = PPOSettings(kl_coef=pcfg.kl_coef, gamma=pcfg.gamma, lam=pcfg.lam,
+        settings = PPOSettings(kl_coef=self.kl_ctl.value, gamma=pcfg.gamma, lam=pcfg.lam,
                                clip_eps=cfg.trainer.clip_eps,
                                value_clip_eps=pcfg.value_clip_eps, epochs=pcfg.epochs,
                                minibatches=pcfg.minibatches,
@@ -85,4 +100,6 @@ class PPOFlow(Flow):
                              experience.prompts, experience.completions,
                              experience.old_logprobs, scores, settings,
                              temperature=cfg.generator.temperature, step=experience.step)
+        metrics["kl_coef"] = settings.kl_coef  # the one this batch was shaped with
+        self.kl_ctl.update(metrics["kl_sample_mean"], len(experience.completions))
         return FlowResult(TrainStepResult(metrics=metrics, grad_norm=math.nan))

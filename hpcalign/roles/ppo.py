@@ -53,6 +53,18 @@ def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     return rewards
 
 
+def sample_mean_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """k1 KL averaged over each sample's completion tokens, then over the samples that have
+    any (verl's measure for the adaptive KL controller); 0.0 for none."""
+    keep = mask.bool()
+    counts = keep.sum(dim=1)
+    rows = counts > 0
+    if not rows.any():
+        return 0.0
+    per_sample = torch.where(keep, logp - ref_logp, 0.0).double().sum(dim=1)[rows] / counts[rows]
+    return float(per_sample.mean())
+
+
 def _old_logp(batch: dict[str, torch.Tensor], prompts: list[np.ndarray],
               old_logprobs: list[np.ndarray]) -> torch.Tensor:
     """The generator's per-token log-probs laid out like the packed batch [B, T]."""
@@ -111,6 +123,7 @@ def ppo_update(policy: TrainingEngine, reference: TrainingEngine, critic,
     keep = mask.bool()
     metrics.update(score_mean=float(scores.float().mean()),
                    kl_k1=float(((old_logp - ref_logp)[keep]).mean()) if keep.any() else 0.0,
+                   kl_sample_mean=sample_mean_kl(old_logp, ref_logp, mask),
                    advantage_raw_max=float(advantages[keep].abs().max()) if keep.any() else 0.0,
                    value_mean=float(old_values[keep].mean()) if keep.any() else 0.0,
                    ppo_updates=float(updates))

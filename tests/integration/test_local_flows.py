@@ -113,13 +113,17 @@ def test_online_dpo_judged_by_a_reward_model_on_the_trainer_or_its_own_rank(tmp_
 
 
 PPO_RM = ["algorithm=ppo", "trainer.steps=6", "checkpoint.every_steps=3",
-          "trainer.sft_warmup_steps=5"]
+          "trainer.sft_warmup_steps=5",
+          # the adaptive KL coefficient moves every step (target far below the KL, short
+          # horizon): a resume that lost it would shape step 4's rewards differently
+          "ppo.kl_ctrl.type=adaptive", "ppo.kl_ctrl.target_kl=1e-4", "ppo.kl_ctrl.horizon=64"]
 
 
 def test_ppo_with_a_reward_model_resumes_bitwise_critic_included(tmp_path):
     """A reward model (the base model with a seeded scalar head stands in for one from
-    train-rm) scores the samples; the critic starts from it. Killed after its step-3
-    checkpoint and resumed: policy, critic and rollouts equal the uninterrupted run's."""
+    train-rm) scores the samples; the critic starts from it; the KL coefficient is
+    adaptive. Killed after its step-3 checkpoint and resumed: policy, critic, KL
+    coefficient and rollouts equal the uninterrupted run's."""
     whole = tmp_path / "whole"
     base = whole / "base-model"
     rm = [f"models.reward.path={base}", "models.reward.init=null"]
@@ -136,6 +140,9 @@ def test_ppo_with_a_reward_model_resumes_bitwise_critic_included(tmp_path):
         a, b = (load_file(os.path.join(d, critic, name)) for d in (whole, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert any(r["score_mean"] != 0 for r in metrics(whole))
+    coefs = [r["kl_coef"] for r in metrics(whole)]
+    assert coefs == [r["kl_coef"] for r in metrics(resumed)]
+    assert len(set(coefs)) == len(coefs), coefs  # it moved at every step
 
 
 def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path):

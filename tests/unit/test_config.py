@@ -60,6 +60,17 @@ def test_cross_field_rule_is_explained():
         load_config(QUICKSTART, ["generator.ranks=3"])
 
 
+def test_ppo_kl_control_keys_are_checked():
+    cfg = load_config(QUICKSTART, ["algorithm=ppo", "ppo.kl_ctrl.type=adaptive",
+                                   "ppo.kl_ctrl.target_kl=0.2", "ppo.kl_ctrl.horizon=500"])
+    assert (cfg.ppo.kl_ctrl.type, cfg.ppo.kl_ctrl.target_kl, cfg.ppo.kl_ctrl.horizon) == \
+        ("adaptive", 0.2, 500)
+    with pytest.raises(ConfigError, match="ppo.kl_ctrl.type=adaptive with ppo.kl_coef=0 never"):
+        load_config(QUICKSTART, ["algorithm=ppo", "ppo.kl_ctrl.type=adaptive", "ppo.kl_coef=0"])
+    with pytest.raises(ConfigError, match="ppo.kl_ctrl.type='pid'"):
+        load_config(QUICKSTART, ["ppo.kl_ctrl.type=pid"])
+
+
 def test_missing_required_key(tmp_path):
     with pytest.raises(ConfigError, match="model.path: required key is missing"):
         load_config(write(tmp_path, "run_dir: x\nmodel: {}\n"))

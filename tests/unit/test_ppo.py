@@ -8,10 +8,11 @@ import pytest
 import torch
 from test_engines import TINY, _cfg, _samples
 
+from hpcalign.algorithms.kl_control import kl_controller
 from hpcalign.engines import OptimizerSpec, build_training_engine
 from hpcalign.engines.torch_value import TorchValueEngine, position_values
 from hpcalign.models.tiny import init_model
-from hpcalign.roles.ppo import PPOSettings, ppo_update, token_rewards
+from hpcalign.roles.ppo import PPOSettings, ppo_update, sample_mean_kl, token_rewards
 
 
 def test_token_rewards_match_a_loop():
@@ -28,6 +29,36 @@ def test_token_rewards_match_a_loop():
         if cols:
             want[b, cols[-1]] += scores[b]
     torch.testing.assert_close(got, want)
+
+
+def test_sample_mean_kl_matches_a_loop():
+    rng = np.random.default_rng(1)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    logp, ref = (torch.from_numpy(rng.normal(size=mask.shape)) for _ in range(2))
+    per_sample = []
+    for b in range(mask.shape[0]):
+        cols = [t for t in range(mask.shape[1]) if mask[b, t]]
+        if cols:
+            per_sample.append(sum(float(logp[b, t] - ref[b, t]) for t in cols) / len(cols))
+    assert sample_mean_kl(logp, ref, mask) == pytest.approx(sum(per_sample) / 3, rel=1e-12)
+    assert sample_mean_kl(logp, ref, torch.zeros_like(mask)) == 0.0
+
+
+def test_adaptive_kl_follows_ziegler_and_fixed_stays():
+    """coef *= 1 + clip(kl / target - 1, +-0.2) * n / horizon, written out by hand."""
+    ctl = kl_controller("adaptive", kl_coef=0.05, target_kl=0.1, horizon=100)
+    expected = 0.05
+    for kl, n in [(0.3, 10), (0.12, 10), (0.05, 20), (0.0, 5), (0.1, 50)]:
+        ctl.update(kl, n)
+        error = {0.3: 0.2, 0.12: 0.2, 0.05: -0.5, 0.0: -1.0, 0.1: 0.0}[kl]  # kl/target - 1
+        expected *= 1 + max(-0.2, min(0.2, error)) * n / 100
+        assert ctl.value == pytest.approx(expected, rel=1e-12)
+    assert ctl.value != 0.05
+    fixed = kl_controller("fixed", kl_coef=0.05, target_kl=0.1, horizon=100)
+    fixed.update(10.0, 1000)
+    assert fixed.value == 0.05
+    with pytest.raises(ValueError, match="'pid' is not one of: fixed, adaptive"):
+        kl_controller("pid", kl_coef=0.05, target_kl=0.1, horizon=100)
 
 
 @pytest.fixture(scope="module")
