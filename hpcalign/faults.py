@@ -9,7 +9,8 @@ the environment variable `HPCALIGN_FAULTS` arms some of them:
     HPCALIGN_FAULTS="before-done:pause"           stop there (a marker file, then sleep)
     HPCALIGN_FAULTS="write:state.json@2,startup"  several points
 
-Points: `startup` (trainer, models loaded, before the first sync), `step` (trainer, inside
+Points: `sft-saved` (trainer leader, SFT warm-up model on disk, before it tells the other
+trainers), `startup` (trainer, models loaded, before the first sync), `step` (trainer, inside
 an update, after backward), `checkpoint-write` (files written, before the rename),
 `after-checkpoint` (checkpoint renamed, before the next step), `before-done` (final
 checkpoint and metrics written, before `state.json` says done), `write:<file name>` (an

@@ -154,6 +154,7 @@ class Trainer:
             fsync_tree(tmp)
             os.replace(tmp, out_dir)
             fsync_dir(os.path.dirname(out_dir))
+            faults.maybe_fire("sft-saved")
             for rank in self.ctx.placement.trainer.world_ranks()[1:]:
                 self.ctx.control.send({"kind": "sft-saved", "path": out_dir}, dest=rank,
                                       tag=TAG_TRAINERS)

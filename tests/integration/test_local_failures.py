@@ -62,3 +62,20 @@ def test_killed_exclusive_reference_fails_fast_naming_the_model(tmp_path):
     wait_for_step(run_dir, 2, proc)
     _kill_and_expect_named(proc, run_dir, "reference", "reference 0 (world rank 2)")
     assert not role_pids(run_dir, "trainer") and not role_pids(run_dir, "generator")
+
+
+def test_leader_silent_in_the_sft_hand_off_ends_the_job_naming_it(tmp_path):
+    """Two data-parallel trainers: the leader saves the SFT warm-up model and then falls
+    silent (a `sft-saved:pause` fault) instead of telling trainer 1 and the generators.
+    Their bounded start-up waits end the job, naming the leader and what never came."""
+    run_dir = tmp_path / "run"
+    proc = start_run(run_dir, "trainer.ranks=2", "generator.ranks=2",
+                     "trainer.sft_warmup_steps=2", "comm.startup_timeout_s=5",
+                     faults="sft-saved:pause")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert (run_dir / "faults" / "sft-saved.paused").exists()  # it stopped where meant
+    assert "from trainer 0 (world rank 0), which sent nothing" in err, err[-2000:]
+    assert ("for the saved SFT warm-up model" in err or "for the initial weights" in err), \
+        err[-2000:]
+    assert "Traceback" not in err
