@@ -1,6 +1,6 @@
-"""Run under mpiexec -n TP: one step, checkpoint (`save`) or restore (`load`), one step.
+"""Run under mpiexec -n TP*PP: one step, checkpoint (`save`) or restore (`load`), one step.
 
-argv: MODEL_DIR RUN_DIR TP save|load. `save` trains one step of the shared case, writes
+argv: MODEL_DIR RUN_DIR TP save|load [PP, default 1]. `save` trains one step of the shared case, writes
 checkpoint step 1, trains a second step; `load` (at any TP) restores checkpoint 1 and
 trains the second step. Rank 0 writes RUN_DIR/after-MODE.safetensors (HF names) and
 RUN_DIR/state-MODE.json: a resumed run continues the saved one even at another layout.
@@ -25,10 +25,11 @@ from megatron_case import SPEC, TEMPERATURE, batches, loss_fn_for, reference_inp
 
 def main() -> int:
     model_dir, run_dir, tp, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    pp = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     comm = MPI.COMM_WORLD
     init_distributed(Control(comm, 60, lambda r: f"rank {r}"), run_dir, "gloo", 60)
     cfg = Config(run_dir=run_dir, model={"path": model_dir},
-                 trainer={"backend": "megatron", "ranks": comm.Get_size(), "tp": tp})
+                 trainer={"backend": "megatron", "ranks": comm.Get_size(), "tp": tp, "pp": pp})
     engine = build_training_engine("megatron", model_dir, cfg, optimizer=SPEC)
     packed, advantages, noise = batches(engine)
 
