@@ -232,3 +232,34 @@ def test_exclusive_reference_trains_bitwise_like_the_colocated_one(tmp_path):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert [r["kl"] for r in metrics(tmp_path / "exclusive")] == \
         [r["kl"] for r in metrics(tmp_path / "colocated")]
+
+
+def test_ppo_with_exclusive_reference_and_reward_model_trains_bitwise_like_colocated(tmp_path):
+    """PPO's four models, placed two ways: reference, reward model and critic on the
+    trainer rank, or the reference and the reward model on ranks of their own (world ranks
+    2 and 3) serving the trainer. Policy, critic (weights and optimizers) and the logged
+    scores equal bit for bit after 3 steps."""
+    import json
+
+    from local_runs import checkpoint_tensors
+
+    base = tmp_path / "colocated" / "base-model"  # built by the first run's model.init
+    ppo = ["algorithm=ppo", "trainer.steps=3", "checkpoint.every_steps=3",
+           f"models.reward.path={base}", "models.reward.init=null"]
+    run_to_end(tmp_path / "colocated", *ppo)
+    run_to_end(tmp_path / "exclusive", *ppo, "models.reference.placement=exclusive",
+               "models.reward.placement=exclusive")
+    plan = json.loads((tmp_path / "exclusive" / "plan.json").read_text())
+    assert plan["world_size"] == 4
+    assert (plan["models"]["reference"]["first_rank"], plan["models"]["reward"]["first_rank"]) \
+        == (2, 3)
+    one, two = (checkpoint_tensors(tmp_path / d, 3) for d in ("colocated", "exclusive"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    critic = "checkpoints/step-000003/models/value"
+    for name in ("model/model.safetensors", "optimizer.safetensors"):
+        a, b = (load_file(os.path.join(tmp_path / d, critic, name))
+                for d in ("colocated", "exclusive"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [metrics(tmp_path / d) for d in ("colocated", "exclusive")]
+    assert [r["score_mean"] for r in rows[0]] == [r["score_mean"] for r in rows[1]]
+    assert any(r["score_mean"] != 0 for r in rows[0])
