@@ -35,8 +35,10 @@ Computations run in float64 and come back in the rewards' dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 AdvantageEstimator = Callable[..., torch.Tensor]
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
@@ -156,20 +158,28 @@ def rloo_advantages(
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+           eps: float = 1e-8, group: Any = None) -> torch.Tensor:
     """Masked whitening [N, T]: (x - mean) * rsqrt(var + eps) over the masked entries.
 
     Mean and unbiased variance over every entry where `mask` is set (verl's
     `masked_whiten`); fewer than two entries count as variance 0. `shift_mean=False` adds
-    the mean back (scale only). Masked-out entries come back as 0.
+    the mean back (scale only). Masked-out entries come back as 0. With a torch.distributed
+    `group` (data-parallel replicas, each holding some rows of one batch) the mean and
+    variance are the whole batch's: every replica whitens its rows as one process would.
     """
     if values.shape != mask.shape:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
     keep = mask.bool()
     x = torch.where(keep, values.double(), 0.0)
-    n = keep.sum().double()
-    mean = x.sum() / n.clamp(min=1)
-    var = torch.where(keep, x - mean, 0.0).pow(2).sum() / (n - 1).clamp(min=1)
+    sums = torch.stack([keep.sum().double(), x.sum()])
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    n = sums[0]
+    mean = sums[1] / n.clamp(min=1)
+    squares = torch.where(keep, x - mean, 0.0).pow(2).sum()
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    var = squares / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

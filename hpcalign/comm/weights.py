@@ -154,6 +154,16 @@ def allreduce_gradients(params: list[torch.Tensor], group: dist.ProcessGroup | N
         grad.copy_(value)
 
 
+def allreduce_metrics(totals: dict[str, float], group: dist.ProcessGroup | None) -> dict[str, float]:
+    """Sum a step's loss metrics over data-parallel trainers (one all-reduce, float64).
+
+    Every replica must hold the same keys (the same loss function ran on each)."""
+    keys = sorted(totals)
+    summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(summed, group=group)
+    return dict(zip(keys, summed.tolist()))
+
+
 # ---------------------------------------------------------------- weight sync by name
 
 # NOTE: the spec is decoded from bytes another process sent: JSON with an allow-list of

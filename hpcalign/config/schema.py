@@ -466,9 +466,14 @@ class Config(Section):
             raise ValueError(f"algorithm=online_dpo pairs completions of one prompt: "
                              f"generator.samples_per_prompt={self.generator.samples_per_prompt} "
                              "must be >= 2")
-        if self.algorithm == "ppo" and self.trainer.ranks > 1:
-            raise ValueError(f"algorithm=ppo runs its critic on one trainer rank today: "
-                             f"trainer.ranks={self.trainer.ranks} must be 1")
+        share = (self.generator.prompts_per_step * self.generator.samples_per_prompt
+                 // self.trainer.ranks)
+        if self.algorithm == "ppo" and share < self.ppo.minibatches:
+            raise ValueError(f"algorithm=ppo splits each trainer rank's share of a step "
+                             f"({share} samples: generator.prompts_per_step x "
+                             f"samples_per_prompt / trainer.ranks={self.trainer.ranks}) into "
+                             f"ppo.minibatches={self.ppo.minibatches}: lower ppo.minibatches "
+                             "or trainer.ranks")
         if self.algorithm == "ppo" and self.trainer.backend != "torch":
             raise ValueError(f"algorithm=ppo needs trainer.backend=torch (got "
                              f"{self.trainer.backend!r})")

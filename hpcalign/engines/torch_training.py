@@ -21,7 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpcalign.comm.weights import NamedWeightSender, allreduce_gradients, coalesce_in_place
+from hpcalign.comm.weights import (
+    NamedWeightSender,
+    allreduce_gradients,
+    allreduce_metrics,
+    coalesce_in_place,
+)
 from hpcalign.config.schema import Config
 from hpcalign.engines.base import LossFn, OptimizerSpec, TrainStepResult
 from hpcalign.engines.torch_generation import TorchGenerationEngine
@@ -116,10 +121,7 @@ class TorchTrainingEngine:
                 totals[key] = totals.get(key, 0.0) + value
         if self.dp_size > 1:
             allreduce_gradients(self.params, self.dp_group)
-            keys = sorted(totals)
-            summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(summed, group=self.dp_group)
-            totals = dict(zip(keys, summed.tolist()))
+            totals = allreduce_metrics(totals, self.dp_group)
         grad_norm = math.nan
         if self.spec.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.grad_clip))

@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from hpcalign.comm.weights import allreduce_gradients, allreduce_metrics
 from hpcalign.engines.base import OptimizerSpec, TrainStepResult
 from hpcalign.models.hf import load_tokenizer
 from hpcalign.models.reward_model import load_reward_model, save_reward_model
@@ -43,8 +45,10 @@ class TorchValueEngine:
     """A critic in this process; trains when built with an optimizer."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str,
-                 optimizer: OptimizerSpec | None = None) -> None:
+                 optimizer: OptimizerSpec | None = None, *,
+                 dp_group: dist.ProcessGroup | None = None, dp_size: int = 1) -> None:
         self.model = model
+        self.dp_group, self.dp_size = dp_group, dp_size
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.spec = optimizer
@@ -54,9 +58,13 @@ class TorchValueEngine:
 
     @classmethod
     def build(cls, model_dir: str, *, device: torch.device, dtype: str = "float32",
-              optimizer: OptimizerSpec | None = None, seed: int = 0) -> TorchValueEngine:
+              optimizer: OptimizerSpec | None = None, seed: int = 0,
+              dp_group: dist.ProcessGroup | None = None, dp_size: int = 1) -> TorchValueEngine:
+        """`dp_size > 1`: one of `dp_size` data-parallel replicas in `dp_group` (gradients
+        and loss metrics summed over them, as the policy's training engine does)."""
         model = load_reward_model(model_dir, dtype, seed=seed).to(device)
-        return cls(model, load_tokenizer(model_dir), model_dir, optimizer)
+        return cls(model, load_tokenizer(model_dir), model_dir, optimizer, dp_group=dp_group,
+                   dp_size=dp_size)
 
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -81,6 +89,9 @@ class TorchValueEngine:
             loss.backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
+        if self.dp_size > 1:
+            allreduce_gradients(list(self.model.parameters()), self.dp_group)
+            totals = allreduce_metrics(totals, self.dp_group)
         grad_norm = math.nan
         if self.spec.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),

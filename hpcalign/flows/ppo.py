@@ -8,7 +8,10 @@ values with the critic (`models.value`, default: the reward model, else the poli
 a new head), and takes PPO's epochs over mini-batches (roles/ppo.py).
 
 Placement: colocated — the reward model and the critic live on the trainer rank beside
-the policy and run in turn. The critic's state goes into the policy's checkpoint
+the policy and run in turn (or the reward model and the reference on ranks of their own:
+`placement: exclusive`). Data parallel (`trainer.ranks > 1`): every trainer rank holds the
+policy, the critic and the colocated models, scores and updates its share of the batch,
+and the engines sum gradients over the ranks (roles/ppo.py `Replicas`). The critic's state goes into the policy's checkpoint
 (`models/value/` in the same directory, one atomic rename), and so does the KL
 coefficient (`ppo.kl_ctrl.type: adaptive` moves it after every batch), so resume is
 bitwise.
@@ -20,6 +23,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 
 from hpcalign.algorithms.kl_control import kl_controller
@@ -48,7 +52,8 @@ class PPOFlow(Flow):
         self.critic = TorchValueEngine.build(
             value_dir, device=ctx.device, dtype=value.dtype if value is not None else "float32",
             seed=cfg.seed, optimizer=OptimizerSpec(lr=pcfg.value_lr,
-                                                   grad_clip=cfg.trainer.grad_clip))
+                                                   grad_clip=cfg.trainer.grad_clip),
+            dp_group=ctx.dp_group, dp_size=ctx.dp_size)
         ctx.models["value"] = self.critic
         self.kl_ctl = kl_controller(pcfg.kl_ctrl.type, kl_coef=pcfg.kl_coef,
                                     target_kl=pcfg.kl_ctrl.target_kl,
@@ -81,10 +86,15 @@ class PPOFlow(Flow):
         return torch.nan_to_num(judged_rewards(self.judge, experience).float(), nan=0.0)
 
     def train(self, experience: Experience) -> FlowResult:
-        from hpcalign.roles.ppo import PPOSettings, ppo_update
+        from hpcalign.roles.ppo import PPOSettings, Replicas, ppo_update
 
-        cfg, policy = self.ctx.cfg, self.ctx.models["policy"]
+        ctx = self.ctx
+        cfg, policy = ctx.cfg, ctx.models["policy"]
         pcfg = cfg.ppo
+        n = len(experience)
+        shares = tuple(np.array_split(np.arange(n), ctx.dp_size))
+        replicas = Replicas(shares, ctx.dp_index, ctx.dp_group if ctx.dp_size > 1 else None)
+        experience = experience.select(shares[ctx.dp_index].tolist())  # this replica's
         scores = self._scores(experience)
         if pcfg.missing_eos_penalty:
             eos = set(policy.eos_token_ids)
@@ -99,7 +109,8 @@ class PPOFlow(Flow):
         metrics = ppo_update(policy, self.ctx.models["reference"], self.critic,
                              experience.prompts, experience.completions,
                              experience.old_logprobs, scores, settings,
-                             temperature=cfg.generator.temperature, step=experience.step)
+                             temperature=cfg.generator.temperature, step=experience.step,
+                             replicas=replicas)
         metrics["kl_coef"] = settings.kl_coef  # the one this batch was shaped with
-        self.kl_ctl.update(metrics["kl_sample_mean"], len(experience.completions))
+        self.kl_ctl.update(metrics["kl_sample_mean"], n)  # the whole batch's: same everywhere
         return FlowResult(TrainStepResult(metrics=metrics, grad_norm=math.nan))

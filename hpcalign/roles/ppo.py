@@ -20,9 +20,11 @@ Log-probs and values are [B, T] over packed sequences, read through `completion_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
 
 from hpcalign.engines import TrainingEngine
 
@@ -56,13 +58,17 @@ def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
 def sample_mean_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
     """k1 KL averaged over each sample's completion tokens, then over the samples that have
     any (verl's measure for the adaptive KL controller); 0.0 for none."""
+    rows = int((mask.bool().sum(dim=1) > 0).sum())
+    return _sample_kl_sum(logp, ref_logp, mask) / rows if rows else 0.0
+
+
+def _sample_kl_sum(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """The sum over samples (with completion tokens) of their token-mean k1 KL."""
     keep = mask.bool()
     counts = keep.sum(dim=1)
     rows = counts > 0
-    if not rows.any():
-        return 0.0
     per_sample = torch.where(keep, logp - ref_logp, 0.0).double().sum(dim=1)[rows] / counts[rows]
-    return float(per_sample.mean())
+    return float(per_sample.sum())
 
 
 def _old_logp(batch: dict[str, torch.Tensor], prompts: list[np.ndarray],
@@ -75,13 +81,71 @@ def _old_logp(batch: dict[str, torch.Tensor], prompts: list[np.ndarray],
     return old.to(batch["completion_mask"].device)
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """The data-parallel replicas sharing one PPO update: replica r holds rows `shares[r]`
+    of the step's batch (every rank knows every share), this rank is replica `index`, and
+    `group` sums over the replicas (None: one replica)."""
+
+    shares: tuple[np.ndarray, ...]
+    index: int = 0
+    group: Any = None
+
+    @classmethod
+    def single(cls, n: int) -> Replicas:
+        return cls((np.arange(n),))
+
+
+def minibatch_plan(lengths: np.ndarray, replicas: Replicas, settings: PPOSettings,
+                   step: int) -> list[tuple[np.ndarray, float]]:
+    """Every PPO update of a step, in order: (this replica's rows, as positions in its
+    share, sorted; the completion tokens of the whole minibatch over all replicas).
+
+    Each epoch every replica shuffles its own share (seeded by the run's seed, the step
+    and, with several replicas, the replica) and splits it into `minibatches` chunks;
+    minibatch k is chunk k of every replica (verl's data-parallel PPO). With one replica
+    that is one shuffle of the batch, and the minibatch of a single trainer. Every rank
+    computes every replica's chunks, so the token counts need no communication.
+    """
+    several = len(replicas.shares) > 1
+    rngs = [np.random.default_rng(np.random.SeedSequence(
+                [settings.seed, step, *([r] if several else [])]))
+            for r in range(len(replicas.shares))]
+    plan = []
+    for _ in range(settings.epochs):
+        chunks = [np.array_split(rng.permutation(len(share)), settings.minibatches)
+                  for rng, share in zip(rngs, replicas.shares)]
+        for k in range(settings.minibatches):
+            tokens = sum(float(lengths[share[chunk[k]]].sum())
+                         for share, chunk in zip(replicas.shares, chunks))
+            plan.append((np.sort(chunks[replicas.index][k]), tokens))
+    return plan
+
+
+def _batch_means(sums: dict[str, tuple[float, float]], group: Any) -> dict[str, float]:
+    """{name: total / count}, both summed over the replicas in one all-reduce."""
+    names = sorted(sums)
+    values = torch.tensor([sums[k] for k in names], dtype=torch.float64).reshape(-1, 2)
+    if group is not None:
+        torch.distributed.all_reduce(values, group=group)
+    return {k: float(total / count) if count else 0.0
+            for k, (total, count) in zip(names, values.tolist())}
+
+
 def ppo_update(policy: TrainingEngine, reference: TrainingEngine, critic,
                prompts: list[np.ndarray], completions: list[np.ndarray],
                old_logprobs: list[np.ndarray], scores: torch.Tensor, settings: PPOSettings,
-               *, temperature: float = 1.0, step: int = 0) -> dict[str, float]:
-    """PPO epochs over one rollout batch (this rank's samples); the step's metrics."""
+               *, temperature: float = 1.0, step: int = 0,
+               replicas: Replicas | None = None) -> dict[str, float]:
+    """PPO epochs over one rollout batch; the step's metrics (the whole batch's).
+
+    The samples given are this replica's share (`replicas`; default: the whole batch on
+    one replica): whitening, token counts and metrics span every replica, and the engines
+    sum gradients over them, so N replicas take the steps one trainer would.
+    """
     from hpcalign.algorithms import gae, policy_loss, value_loss, whiten
 
+    replicas = replicas or Replicas.single(len(completions))
     batch = policy.pack(prompts, completions)
     mask = batch["completion_mask"]
     old_logp = _old_logp(batch, prompts, old_logprobs)
@@ -90,41 +154,47 @@ def ppo_update(policy: TrainingEngine, reference: TrainingEngine, critic,
     rewards = token_rewards(scores.to(mask.device), old_logp, ref_logp, mask, settings.kl_coef)
     advantages, returns = gae(rewards, old_values.double(), mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, group=replicas.group)
     advantages, returns = advantages.float(), returns.float()
-    n = len(completions)
-    size = max(1, -(-n // settings.minibatches))
-    generator = np.random.default_rng(np.random.SeedSequence([settings.seed, step]))
+    lengths = np.zeros(sum(len(share) for share in replicas.shares), dtype=np.int64)
+    lengths[replicas.shares[replicas.index]] = [len(c) for c in completions]
+    if replicas.group is not None:  # the other replicas' lengths: from their shards
+        gathered = torch.from_numpy(lengths)
+        torch.distributed.all_reduce(gathered, group=replicas.group)
+        lengths = gathered.numpy()
     totals: dict[str, float] = {}
-    updates = 0
-    for _ in range(settings.epochs):
-        order = generator.permutation(n)
-        for first in range(0, n, size):
-            rows = torch.from_numpy(np.sort(order[first:first + size]))
-            mb = {key: value[rows] for key, value in batch.items()}
-            mb_mask = mb["completion_mask"]
-            count = float(mb_mask.sum())
+    plan = minibatch_plan(lengths, replicas, settings, step)
+    for local_rows, count in plan:
+        rows = torch.from_numpy(local_rows)
+        mb = {key: value[rows] for key, value in batch.items()}
+        mb_mask = mb["completion_mask"]
 
-            def actor_loss(_i, _b, logp, _e, rows=rows, mb_mask=mb_mask, count=count):
-                return policy_loss(logp, old_logp[rows], advantages[rows], mb_mask,
-                                   clip_eps_low=settings.clip_eps, ref_logp=ref_logp[rows],
-                                   token_count=count)
+        def actor_loss(_i, _b, logp, _e, rows=rows, mb_mask=mb_mask, count=count):
+            return policy_loss(logp, old_logp[rows], advantages[rows], mb_mask,
+                               clip_eps_low=settings.clip_eps, ref_logp=ref_logp[rows],
+                               token_count=count)
 
-            def critic_loss(_i, _b, values, rows=rows, mb_mask=mb_mask, count=count):
-                return value_loss(values, old_values[rows], returns[rows], mb_mask,
-                                  clip_eps=settings.value_clip_eps, token_count=count)
+        def critic_loss(_i, _b, values, rows=rows, mb_mask=mb_mask, count=count):
+            return value_loss(values, old_values[rows], returns[rows], mb_mask,
+                              clip_eps=settings.value_clip_eps, token_count=count)
 
-            actor = policy.train_step([mb], actor_loss, temperature=temperature)
-            value = critic.train_step([mb], critic_loss)
-            updates += 1
-            for key, v in {**actor.metrics, **value.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + v
-    metrics = {key: v / max(updates, 1) for key, v in totals.items()}
+        actor = policy.train_step([mb], actor_loss, temperature=temperature)
+        value = critic.train_step([mb], critic_loss)
+        for key, v in {**actor.metrics, **value.metrics}.items():
+            totals[key] = totals.get(key, 0.0) + v
+    metrics = {key: v / max(len(plan), 1) for key, v in totals.items()}
     keep = mask.bool()
-    metrics.update(score_mean=float(scores.float().mean()),
-                   kl_k1=float(((old_logp - ref_logp)[keep]).mean()) if keep.any() else 0.0,
-                   kl_sample_mean=sample_mean_kl(old_logp, ref_logp, mask),
-                   advantage_raw_max=float(advantages[keep].abs().max()) if keep.any() else 0.0,
-                   value_mean=float(old_values[keep].mean()) if keep.any() else 0.0,
-                   ppo_updates=float(updates))
+    has_tokens = keep.sum(dim=1) > 0
+    metrics.update(_batch_means({
+        "score_mean": (float(scores.double().sum()), float(len(completions))),
+        "kl_k1": (float((old_logp - ref_logp)[keep].double().sum()), float(keep.sum())),
+        "kl_sample_mean": (_sample_kl_sum(old_logp, ref_logp, mask), float(has_tokens.sum())),
+        "value_mean": (float(old_values[keep].double().sum()), float(keep.sum())),
+    }, replicas.group))
+    peak = advantages[keep].abs().max() if keep.any() else torch.zeros(())
+    peak = peak.double().reshape(1)
+    if replicas.group is not None:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX,
+                                     group=replicas.group)
+    metrics.update(advantage_raw_max=float(peak), ppo_updates=float(len(plan)))
     return metrics

@@ -263,3 +263,33 @@ def test_ppo_with_exclusive_reference_and_reward_model_trains_bitwise_like_coloc
     rows = [metrics(tmp_path / d) for d in ("colocated", "exclusive")]
     assert [r["score_mean"] for r in rows[0]] == [r["score_mean"] for r in rows[1]]
     assert any(r["score_mean"] != 0 for r in rows[0])
+
+
+def test_ppo_data_parallel_trainers_take_one_trainers_steps(tmp_path):
+    """trainer.ranks=2: each rank scores (reward model) and updates its half of the batch;
+    whitening, token counts and metrics span both halves and the policy's and critic's
+    gradients are summed. With one minibatch per epoch that is exactly one trainer's
+    update: weights equal to float tolerance, the same rollouts and scores."""
+    base = tmp_path / "dp1" / "base-model"
+    common = ["algorithm=ppo", "generator.ranks=2", "trainer.steps=3",
+              "checkpoint.every_steps=3", "ppo.minibatches=1",
+              f"models.reward.path={base}", "models.reward.init=null"]
+    run_to_end(tmp_path / "dp1", "trainer.ranks=1", *common)
+    run_to_end(tmp_path / "dp2", "trainer.ranks=2", *common)
+    from local_runs import checkpoint_tensors
+
+    one, two = checkpoint_tensors(tmp_path / "dp1", 3), checkpoint_tensors(tmp_path / "dp2", 3)
+    critic = "checkpoints/step-000003/models/value/model/model.safetensors"
+    one.update({f"critic/{k}": v for k, v in load_file(str(tmp_path / "dp1" / critic)).items()})
+    two.update({f"critic/{k}": v for k, v in load_file(str(tmp_path / "dp2" / critic)).items()})
+    import json
+
+    assert json.loads((tmp_path / "dp2" / "plan.json").read_text())["trainer"]["ranks"] == 2
+    for key in one:
+        if key.startswith(("model/", "critic/")):
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    rows = [metrics(tmp_path / d) for d in ("dp1", "dp2")]
+    assert [r["reward_mean"] for r in rows[0]] == [r["reward_mean"] for r in rows[1]]
+    for a, b in zip(*rows):
+        assert abs(a["score_mean"] - b["score_mean"]) < 1e-6, (a["score_mean"], b["score_mean"])
+        assert abs(a["vf_loss"] - b["vf_loss"]) < 1e-5 * max(1.0, abs(a["vf_loss"]))

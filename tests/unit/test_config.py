@@ -71,6 +71,15 @@ def test_ppo_kl_control_keys_are_checked():
         load_config(QUICKSTART, ["ppo.kl_ctrl.type=pid"])
 
 
+def test_ppo_data_parallel_needs_a_sample_per_minibatch():
+    cfg = load_config(QUICKSTART, ["algorithm=ppo", "trainer.ranks=2", "generator.ranks=2"])
+    assert cfg.trainer.ranks == 2
+    with pytest.raises(ConfigError, match=r"share of a step \(4 samples.*into "
+                                          r"ppo.minibatches=8"):
+        load_config(QUICKSTART, ["algorithm=ppo", "trainer.ranks=4", "generator.ranks=2",
+                                 "generator.prompts_per_step=2", "ppo.minibatches=8"])
+
+
 def test_missing_required_key(tmp_path):
     with pytest.raises(ConfigError, match="model.path: required key is missing"):
         load_config(write(tmp_path, "run_dir: x\nmodel: {}\n"))
