@@ -175,12 +175,17 @@ def framework(staleness: int, steps: int, warmup: int, workdir: str,
             f"model.autocast={precision}", f"model.compile={str(compile_model).lower()}",
             *VARIANTS[variant]]
     subprocess.run(argv, check=True, cwd=ROOT, capture_output=True, timeout=1800)
+    return steady_state(run_dir, warmup)
+
+
+def steady_state(run_dir: str, warmup: int) -> dict:
+    """Median step time, samples/s and phase times of a finished run after `warmup` steps."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steady = rows[warmup:]
     step_s = statistics.median(r["time_step_s"] for r in steady)
     phases = {k: round(statistics.median(r[k] for r in steady), 4)
               for k in ("time_generate_s", "time_sample_s", "time_reward_s", "time_wait_s",
-                        "time_train_s", "time_sync_s")}
+                        "time_train_s", "time_sync_s") if k in steady[0]}
     return {"step_s": round(step_s, 4), "samples_per_s": round(BATCH / step_s, 2), **phases}
 
 

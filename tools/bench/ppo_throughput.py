@@ -31,13 +31,21 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 
 import torch
-from grpo_throughput import BATCH, NEW_TOKENS, PROMPT_TOKENS, ROOT, SHAPE, VOCAB, _median
+from grpo_throughput import (
+    BATCH,
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    ROOT,
+    SHAPE,
+    VOCAB,
+    _median,
+    steady_state,
+)
 from sampler import reference_loop  # tools/bench/sampler.py: the bare KV-cache loop
 from transformers import AutoModelForSequenceClassification
 
@@ -118,13 +126,7 @@ def framework(placement: str, steps: int, warmup: int, workdir: str) -> dict:
             "checkpoint.every_steps=0", "log.progress=false", "log.eval_every_steps=0",
             "log.tensorboard=true", "sync.max_staleness=0", *PLACEMENTS[placement]]
     subprocess.run(argv, check=True, cwd=ROOT, capture_output=True, timeout=1800)
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    steady = rows[warmup:]
-    step_s = statistics.median(r["time_step_s"] for r in steady)
-    phases = {k: round(statistics.median(r[k] for r in steady), 4)
-              for k in ("time_generate_s", "time_sample_s", "time_wait_s", "time_train_s",
-                        "time_sync_s")}
-    return {"step_s": round(step_s, 4), "samples_per_s": round(BATCH / step_s, 2), **phases}
+    return steady_state(run_dir, warmup)
 
 
 def main() -> None:
