@@ -30,7 +30,9 @@ def main(argv: list[str]) -> int:
         from hpcalign.launch.sbatch_text import hetjob_sbatch_text
         from hpcalign.launch.slurm import job_python
 
-        sys.stdout.write(hetjob_sbatch_text(cfg, os.path.abspath(cfg.run_dir), job_python(cfg)))
+        text = hetjob_sbatch_text(cfg, os.path.abspath(cfg.run_dir), job_python(cfg))
+        _print_models(cfg, sys.stderr)  # stdout stays the exact script
+        sys.stdout.write(text)
         return 0
     from hpcalign.launch.slurm import submit_run
 
@@ -40,6 +42,16 @@ def main(argv: list[str]) -> int:
     print(f"submitted job {job_id}: {cfg.trainer.ranks} trainer rank(s) on partition "
           f"'{cfg.slurm.train.partition}' + {cfg.generator.ranks} generator rank(s) on partition "
           f"'{cfg.slurm.gen.partition}'")
+    _print_models(cfg, sys.stdout)
     print(f"run dir: {run_dir}")
     print(f"  hpcalign status {run_dir}\n  hpcalign cancel {run_dir}")
     return 0
+
+
+def _print_models(cfg, out) -> None:
+    """Every model of the run: engines, ranks, degrees, partition (plan.json's model_map)."""
+    from hpcalign.plan.placement import compute_placement, describe_models, model_map
+
+    print("models:", file=out)
+    for line in describe_models(model_map(cfg, compute_placement(cfg))):
+        print(f"  {line}", file=out)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field, field_validator
 
 from hpcalign.config.base import Section
 
@@ -46,6 +49,15 @@ class SlurmConfig(Section):
 
     train: Component = Field(default_factory=Component, description="Component 0: trainers.")
     gen: Component = Field(default_factory=_gen_default, description="Component 1: generators.")
+
+    @field_validator("gen", mode="before")
+    @classmethod
+    def _gen_partition_default(cls, value: Any) -> Any:
+        """`slurm.gen` given in part (e.g. only `slurm.gen.nodes=2`) keeps partition gen,
+        not the Component default of the trainers."""
+        if isinstance(value, Mapping) and "partition" not in value:
+            return {"partition": "gen", **value}
+        return value
     job_name: str = Field("hpcalign", description="Slurm job name.")
     setup: list[str] = Field(
         default_factory=list,

@@ -13,7 +13,7 @@ from hpcalign.config.load import dump_config, load_config
 from hpcalign.config.schema import Config
 from hpcalign.durable import atomic_write_text
 from hpcalign.errors import UserError
-from hpcalign.plan.placement import compute_placement
+from hpcalign.plan.placement import compute_placement, model_map
 
 __all__ = ["atomic_write_text", "checkpoint_dir", "finished_checkpoint", "list_checkpoints",
            "make_private_dir", "mark_finished", "prepare_model", "read_json", "read_run_config",
@@ -79,7 +79,8 @@ def write_run_dir(cfg: Config) -> str:
     for sub in ("rollouts", "checkpoints", "logs", "errors"):
         make_private_dir(os.path.join(run_dir, sub))
     atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
-    plan = compute_placement(cfg).to_dict()
+    placement = compute_placement(cfg)
+    plan = {**placement.to_dict(), "model_map": model_map(cfg, placement)}
     atomic_write_text(os.path.join(run_dir, "plan.json"), json.dumps(plan, indent=2) + "\n")
     return run_dir
 

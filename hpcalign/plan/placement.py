@@ -180,3 +180,81 @@ def compute_placement(cfg: Config) -> Placement:
         first += model.ranks
     return Placement(world_size=first, trainer=trainer, generator=generator,
                      models=tuple(models))
+
+
+# The built-in flows' named models beyond the policy (a user's flow lists its own in
+# `Flow.models`, which the launcher does not import: plan.json shows its policy).
+_FLOW_MODELS = {"grpo": ("reference",), "online_dpo": ("reference", "reward"),
+                "ppo": ("reference", "reward", "value")}
+
+
+def model_map(cfg: Config, placement: Placement) -> dict[str, dict[str, Any]]:
+    """Every named model of the run's flow: what it runs with and where (plan.json,
+    `hpcalign submit --dry-run`).
+
+    Per model: `trainable`, its `engines` (training / generation), and per place it runs
+    (`on`: the trainer ranks, the generator ranks, or ranks of its own) the world ranks,
+    the degrees (tp, pp, dp) and, on Slurm, the het component with its partition and
+    nodes. Colocated models share the trainer ranks (`colocated_with: policy`).
+    """
+    def where(group: RolePlacement, component: str | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"on": group.role, "world_ranks": group.world_ranks(),
+                                 "tp": group.tp, "pp": group.pp, "dp": group.dp}
+        if component is not None:
+            comp = getattr(cfg.slurm, component)
+            entry["slurm"] = {"component": component, "partition": comp.partition,
+                              "nodes": comp.nodes}
+        return entry
+
+    trainers = where(placement.trainer, "train")
+    models: dict[str, dict[str, Any]] = {"policy": {
+        "trainable": True, "path": cfg.model.path,
+        "engines": {"training": cfg.trainer.backend, "generation": cfg.generator.backend},
+        "runs_on": [trainers, where(placement.generator, "gen")]}}
+    for name in _FLOW_MODELS.get(cfg.algorithm, ()):
+        config = getattr(cfg.models, name, None)
+        if name == "reward" and config is None:
+            continue  # judged by the reward functions on the generators
+        own = placement.model(name)
+        entry: dict[str, Any] = {"trainable": name == "value"}
+        if name == "reference":
+            entry["path"] = "the policy's starting weights"
+        elif config is not None:
+            entry["path"] = config.path
+        else:  # the critic without models.value: from the reward model, else the policy
+            entry["path"] = (cfg.models.reward.path if cfg.models.reward is not None
+                             else "the policy's starting weights")
+        if own is not None:
+            entry.update(engines={"training": "torch"}, placement="exclusive",
+                         runs_on=[where(own, None)])
+        elif name == "reference":  # built like the policy, on the same ranks
+            entry.update(engines={"training": cfg.trainer.backend}, placement="colocated",
+                         colocated_with="policy", runs_on=[trainers])
+        else:  # a torch model on every trainer rank, each on its share of the batch
+            entry.update(engines={"training": "torch"}, placement="colocated",
+                         colocated_with="policy",
+                         runs_on=[{**trainers, "tp": 1, "pp": 1,
+                                   "dp": placement.trainer.ranks}])
+        models[name] = entry
+    return models
+
+
+def describe_models(models: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per model of `model_map`: engines, ranks, degrees, partition and nodes."""
+    lines = []
+    for name, model in models.items():
+        places = []
+        for place, engine in zip(model["runs_on"], model["engines"].values()):
+            ranks = place["world_ranks"]
+            span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+            text = (f"{engine} on {place['on']} rank(s) {span} (tp {place['tp']}, pp "
+                    f"{place['pp']}, dp {place['dp']})")
+            if "slurm" in place and model.get("placement") != "colocated":
+                slurm = place["slurm"]
+                text += f" partition {slurm['partition']!r}, {slurm['nodes']} node(s)"
+            places.append(text)
+        kind = "trainable" if model["trainable"] else "frozen"
+        where = ("colocated with " + model["colocated_with"] + ": "
+                 if model.get("placement") == "colocated" else "")
+        lines.append(f"{name:<10} {kind:<9} {where}{'; '.join(places)}")
+    return lines

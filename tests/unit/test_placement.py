@@ -57,3 +57,50 @@ def test_reward_model_placements_are_refused_by_name_where_no_flow_judges_with_i
     with pytest.raises(ConfigError, match="only algorithm=ppo or online_dpo judges"):
         load_config(QUICKSTART, ["algorithm=examples_flow:Flow", "models.reward.path=/rm",
                                  "models.reward.placement=exclusive"])
+
+
+PPO_TINY = os.path.join(os.path.dirname(QUICKSTART), "ppo-tiny.yaml")
+
+
+def test_model_map_shows_every_model_of_ppo_where_it_runs(tmp_path):
+    """plan.json's model_map: the four PPO models, their engines, ranks, degrees and (for
+    the policy's two sides) het component, partition and nodes."""
+    cfg = load_config(PPO_TINY, [f"run_dir={tmp_path / 'run'}", "model.path=/sft",
+                                 "models.reward.path=/rm", "models.reward.placement=exclusive",
+                                 "trainer.ranks=2", "generator.ranks=2",
+                                 "slurm.gen.nodes=2"])  # slurm.gen given in part
+    write_run_dir(cfg)
+    models = json.loads((tmp_path / "run" / "plan.json").read_text())["model_map"]
+    assert list(models) == ["policy", "reference", "reward", "value"]
+    train, gen = models["policy"]["runs_on"]
+    assert (train["world_ranks"], train["dp"], train["slurm"]) == (
+        [0, 1], 2, {"component": "train", "partition": "train", "nodes": 1})
+    assert (gen["world_ranks"], gen["slurm"]) == (
+        [2, 3], {"component": "gen", "partition": "gen", "nodes": 2})
+    assert models["policy"]["engines"] == {"training": "torch", "generation": "torch"}
+    assert models["reference"]["colocated_with"] == "policy"
+    assert models["reference"]["runs_on"][0]["world_ranks"] == [0, 1]
+    assert models["reward"]["placement"] == "exclusive" and not models["reward"]["trainable"]
+    assert models["reward"]["runs_on"][0]["world_ranks"] == [4]
+    assert models["value"]["trainable"] and models["value"]["path"] == "/rm"  # from the RM
+    assert (models["value"]["runs_on"][0]["world_ranks"],
+            models["value"]["runs_on"][0]["dp"]) == ([0, 1], 2)
+    grpo = load_config(QUICKSTART, [f"run_dir={tmp_path / 'grpo'}"])
+    write_run_dir(grpo)
+    assert list(json.loads((tmp_path / "grpo" / "plan.json").read_text())["model_map"]) == \
+        ["policy", "reference"]
+
+
+def test_submit_dry_run_lists_the_models_on_stderr_and_the_script_on_stdout(capsys):
+    from hpcalign.cli import main as cli_main
+
+    rc = cli_main(["submit", PPO_TINY, "--dry-run", "run_dir=/tmp/x", "model.path=/sft",
+                   "models.reward.path=/rm"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.startswith("#!/bin/bash")
+    lines = err.splitlines()
+    assert lines[0] == "models:"
+    assert lines[1].split()[:2] == ["policy", "trainable"]
+    assert "partition 'train'" in lines[1] and "partition 'gen'" in lines[1]
+    assert [line.split()[0] for line in lines[1:]] == ["policy", "reference", "reward", "value"]
+    assert "colocated with policy" in lines[3]
