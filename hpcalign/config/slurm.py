@@ -58,7 +58,22 @@ class SlurmConfig(Section):
         if isinstance(value, Mapping) and "partition" not in value:
             return {"partition": "gen", **value}
         return value
+    models: dict[str, Component] = Field(
+        default_factory=dict,
+        description="One further het component per model placed on ranks of its own "
+        "(models.<name>.placement: exclusive), by model name, e.g. slurm.models.reward. "
+        "Unset: on slurm.gen's partition with its time, CPUs and GPUs, one node holding "
+        "the model's ranks.")
     job_name: str = Field("hpcalign", description="Slurm job name.")
+
+    def model_component(self, name: str, ranks: int) -> Component:
+        """The het component of a model on `ranks` ranks of its own: `models.<name>`, else
+        slurm.gen's partition, time, CPUs, GPUs, memory and account on one node."""
+        gen = self.gen
+        return self.models.get(name) or Component(
+            partition=gen.partition, nodes=1, tasks_per_node=ranks,
+            cpus_per_task=gen.cpus_per_task, gpus_per_node=gen.gpus_per_node,
+            mem_gb=gen.mem_gb, time_min=gen.time_min, account=gen.account, qos=gen.qos)
     setup: list[str] = Field(
         default_factory=list,
         description="Shell lines run before the job step (module loads, venv activation).",

@@ -3,9 +3,10 @@
 `hetjob_sbatch_text(cfg, run_dir, python)` is exactly what `hpcalign submit` hands to
 `sbatch` (and what `--dry-run` prints): submitit's own `_make_sbatch_string` writes the
 header of component 0 (trainers) and the script body; `#SBATCH hetjob` and the header of
-component 1 (generators) are inserted after it. The body runs ONE MPMD job step across both
-components, `srun --mpi=pmix A : B`, which gives one MPI world of trainers then
-generators, the same shape as local mode's `mpiexec -n T A : -n G B`.
+component 1 (generators), then of one component per model placed on ranks of its own
+(`job_components`), are inserted after it. The body runs ONE MPMD job step across all
+components, `srun --mpi=pmix A : B [: C ...]`, which gives one MPI world of trainers,
+generators and those models, the same shape as local mode's `mpiexec -n T A : -n G B ...`.
 
 Safety: every config value that reaches the text is `shlex.quote`d once, where it is
 assigned; the job step only uses the variables, double-quoted. Values with a newline,
@@ -34,6 +35,19 @@ from hpcalign.errors import ConfigError
 
 ROLE_MODULE = "hpcalign.roles.main"
 COMPONENTS = (("train", "trainer"), ("gen", "generator"))  # (slurm.<name>, role), in order
+
+
+def job_components(cfg: Config) -> list[tuple[str, str, Component, int]]:
+    """(name, role, resources, ranks) of every het component, in world order: the
+    trainers, the generators, then one per model on ranks of its own (its name is the
+    model's: `slurm.models.<name>`, or the default of `SlurmConfig.models`)."""
+    from hpcalign.plan.placement import exclusive_models
+
+    parts = [("train", "trainer", cfg.slurm.train, cfg.trainer.ranks),
+             ("gen", "generator", cfg.slurm.gen, cfg.generator.ranks)]
+    for name, model in exclusive_models(cfg):
+        parts.append((name, name, cfg.slurm.model_component(name, model.ranks), model.ranks))
+    return parts
 _FLAG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # sbatch flags the generator owns; `sbatch_args` may not set them (use the config field).
@@ -57,7 +71,8 @@ _MANAGED_FLAGS = {
 # its own way across components; the roles' RUN_DIR/logs/rank-N.log carry the world rank.
 JOB_STEP = """\
 # ---- the job step (identical in sbatch/hetjob.sbatch and `hpcalign submit`) ----
-# One MPMD step across both components = one MPI world: trainers, then generators.
+# One MPMD step across the components = one MPI world: trainers, generators, then any
+# model on ranks of its own (one component each).
 # One run per RUN_DIR: claim it for this job (a requeue is the same owner) before writing
 # anything there; refused (another live run owns it): change nothing. Finished already
 # (e.g. requeued after its final checkpoint): after-step records "done".
@@ -76,6 +91,15 @@ attempt="${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}"
 logs="$HPCALIGN_RUN_DIR/logs"
 mkdir -p -- "$logs" "$HPCALIGN_RUN_DIR/errors"
 rm -f -- "$HPCALIGN_RUN_DIR"/errors/*.json  # failures of an earlier attempt
+# A model on ranks of its own (models.<name>.placement: exclusive, `hpcalign submit` only)
+# is one more component and one more part of the step: HPCALIGN_MODEL_ROLES names them.
+model_parts=()
+for role in ${HPCALIGN_MODEL_ROLES[@]+"${HPCALIGN_MODEL_ROLES[@]}"}; do
+    srun_args="HPCALIGN_MODEL_${role^^}_SRUN_ARGS[@]" setup="HPCALIGN_MODEL_${role^^}_SETUP"
+    model_parts+=(: --output="$logs/slurm-$attempt-$role-%t.out" "${!srun_args}"
+        bash -c "${!setup}"$'\\nexec "$@"' "$role-setup"
+        "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role "$role" "$HPCALIGN_RUN_DIR")
+done
 srun --mpi=pmix --kill-on-bad-exit=1 \\
     --output="$logs/slurm-$attempt-trainer-%t.out" "${HPCALIGN_TRAIN_SRUN_ARGS[@]}" \\
     bash -c "$HPCALIGN_TRAIN_SETUP"$'\\nexec "$@"' trainer-setup \\
@@ -83,7 +107,7 @@ srun --mpi=pmix --kill-on-bad-exit=1 \\
   : --output="$logs/slurm-$attempt-generator-%t.out" "${HPCALIGN_GEN_SRUN_ARGS[@]}" \\
     bash -c "$HPCALIGN_GEN_SETUP"$'\\nexec "$@"' generator-setup \\
     "$HPCALIGN_PYTHON" -u -m hpcalign.roles.main --role generator "$HPCALIGN_RUN_DIR" \\
-    2>>"$logs/slurm-$attempt-srun.err" &
+    ${model_parts[@]+"${model_parts[@]}"} 2>>"$logs/slurm-$attempt-srun.err" &
 srun_pid=$!
 # A bounded wait: the watcher stops an srun that outlives its job step (seen with het steps).
 "$HPCALIGN_PYTHON" -m hpcalign.launch.slurm_job watch-step --pid "$srun_pid" \\
@@ -115,40 +139,43 @@ def check_slurm_config(cfg: Config, run_dir: str, python: str, check_tasks: bool
                           f"file names: %j, %t, ...)")
     _check_text("slurm.python", python)
     _check_text("slurm.job_name", cfg.slurm.job_name)
-    from hpcalign.plan.placement import exclusive_models
-
-    exclusive = [name for name, _model in exclusive_models(cfg)]
-    if exclusive:
-        # NOTE: the het job has two components (trainers, generators); a model on ranks of
-        # its own would need a third, and the job would die at start on the world size
-        raise ConfigError(f"models.{exclusive[0]}.placement=exclusive: hpcalign submit "
-                          f"places trainers and generators only; use placement=colocated on "
-                          f"Slurm (exclusive runs locally with hpcalign run)")
-    for name, role in COMPONENTS:
-        comp: Component = getattr(cfg.slurm, name)
-        ranks = getattr(cfg, role).ranks
+    parts = job_components(cfg)
+    placed = {name for name, *_ in parts[2:]}
+    for name in cfg.slurm.models:
+        if name not in placed:
+            raise ConfigError(f"slurm.models.{name}: no model {name!r} is placed on ranks of "
+                              f"its own (models.{name}.placement: exclusive); models placed "
+                              f"so: {', '.join(sorted(placed)) or 'none'}")
+    if not check_tasks and placed:
+        # NOTE: hand-written scripts (sbatch/hetjob.sbatch) have two components
+        raise ConfigError(f"models.{sorted(placed)[0]}.placement=exclusive needs a het "
+                          f"component of its own: submit with hpcalign submit, which writes "
+                          f"it (sbatch/*.sbatch place trainers and generators only)")
+    for name, role, comp, ranks in parts:
+        key = f"slurm.models.{name}" if role == name else f"slurm.{name}"
+        what = f"models.{name}.ranks" if role == name else f"{role}.ranks"
         if check_tasks and comp.nodes * comp.tasks_per_node != ranks:
             raise ConfigError(
-                f"slurm.{name}.nodes={comp.nodes} x slurm.{name}.tasks_per_node="
+                f"{key}.nodes={comp.nodes} x {key}.tasks_per_node="
                 f"{comp.tasks_per_node} = {comp.nodes * comp.tasks_per_node} tasks, but "
-                f"{role}.ranks={ranks}: component {name} must hold exactly one task per {role} "
+                f"{what}={ranks}: component {name} must hold exactly one task per {role} "
                 f"rank (set tasks_per_node={ranks // comp.nodes if ranks % comp.nodes == 0 else '?'}"
                 f" or change nodes)")
         for field in ("partition", "account", "qos", "constraint", "reservation"):
             value = getattr(comp, field)
             if value is not None:
-                _check_text(f"slurm.{name}.{field}", value)
-        for key, value in comp.sbatch_args.items():
-            if not _FLAG_KEY.match(key):
-                raise ConfigError(f"slurm.{name}.sbatch_args: {key!r} is not an sbatch flag name "
+                _check_text(f"{key}.{field}", value)
+        for flag_key, value in comp.sbatch_args.items():
+            if not _FLAG_KEY.match(flag_key):
+                raise ConfigError(f"{key}.sbatch_args: {flag_key!r} is not an sbatch flag name "
                                   f"(letters, digits, '-' and '_', without the leading '--')")
-            flag = key.replace("_", "-")
+            flag = flag_key.replace("_", "-")
             if flag in _MANAGED_FLAGS:
-                raise ConfigError(f"slurm.{name}.sbatch_args.{key}: hpcalign sets --{flag} itself; "
-                                  f"use {_MANAGED_FLAGS[flag]} instead")
-            _check_text(f"slurm.{name}.sbatch_args.{key}", str(value))
+                raise ConfigError(f"{key}.sbatch_args.{flag_key}: hpcalign sets --{flag} "
+                                  f"itself; use {_MANAGED_FLAGS[flag]} instead")
+            _check_text(f"{key}.sbatch_args.{flag_key}", str(value))
         for i, arg in enumerate(comp.srun_args):
-            _check_text(f"slurm.{name}.srun_args[{i}]", arg)
+            _check_text(f"{key}.srun_args[{i}]", arg)
     for key, value in cfg.slurm.env.items():
         if not _ENV_KEY.match(key):
             raise ConfigError(f"slurm.env: {key!r} is not a valid environment variable name")
@@ -224,6 +251,12 @@ def job_body(cfg: Config, run_dir: str, python: str) -> str:
         f"HPCALIGN_TRAIN_SETUP={shlex.quote(chr(10).join(cfg.slurm.train.setup))}",
         f"HPCALIGN_GEN_SETUP={shlex.quote(chr(10).join(cfg.slurm.gen.setup))}",
     ]
+    roles = [name for name, role, *_ in job_components(cfg)[2:]]
+    if roles:  # models on ranks of their own: one more part of the step each
+        lines.append(_array("HPCALIGN_MODEL_ROLES", roles))
+        for name, _role, comp, _ranks in job_components(cfg)[2:]:
+            lines += [_array(f"HPCALIGN_MODEL_{name.upper()}_SRUN_ARGS", comp.srun_args),
+                      f"HPCALIGN_MODEL_{name.upper()}_SETUP={shlex.quote(chr(10).join(comp.setup))}"]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(cfg.slurm.env.items())]
     return "\n".join(lines) + "\n" + JOB_STEP
 
@@ -253,4 +286,10 @@ def hetjob_sbatch_text(cfg: Config, run_dir: str, python: str) -> str:
     text = _make_sbatch_string(command=job_body(cfg, run_dir, python),
                                folder=submitit_folder(run_dir),
                                **component0_parameters(cfg))
-    return insert_het_components(text, het_component_lines(cfg.slurm.gen, cfg))
+    return insert_het_components(text, further_component_lines(cfg))
+
+
+def further_component_lines(cfg: Config) -> list[str]:
+    """The `#SBATCH hetjob` headers of every component after the trainers', in order."""
+    return [line for _name, _role, comp, _ranks in job_components(cfg)[1:]
+            for line in het_component_lines(comp, cfg)]

@@ -44,10 +44,11 @@ from hpcalign.launch.rundir import (
 from hpcalign.launch.sbatch_text import (
     COMPONENTS,
     component0_parameters,
-    het_component_lines,
+    further_component_lines,
     hetjob_sbatch_text,
     insert_het_components,
     job_body,
+    job_components,
     submitit_folder,
 )
 
@@ -160,14 +161,14 @@ class HetSlurmExecutor(SlurmExecutor):
                          python=python)
         self.cfg, self.run_dir, self.python_path = cfg, run_dir, python
         self._internal_update_parameters(**component0_parameters(cfg))
-        self._het_lines = het_component_lines(cfg.slurm.gen, cfg)
+        self._het_lines = further_component_lines(cfg)
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         text = _make_sbatch_string(command=command, folder=self.folder, **self.parameters)
         return insert_het_components(text, self._het_lines)
 
     def _num_tasks(self) -> int:
-        return self.cfg.trainer.ranks + self.cfg.generator.ranks
+        return sum(ranks for *_, ranks in job_components(self.cfg))
 
     def _make_submission_command(self, submission_file_path: Path) -> list[str]:
         return ["timeout", "--kill-after=10", str(int(SLURM_TIMEOUT_S) * 4), "sbatch",
@@ -196,10 +197,12 @@ def read_job_record(run_dir: str) -> dict[str, Any] | None:
     return read_json(os.path.join(run_dir, "slurm.json"))
 
 
-def write_job_record(run_dir: str, job_id: str, how: str) -> None:
+def write_job_record(run_dir: str, job_id: str, how: str, cfg: Config | None = None) -> None:
     """Record the job id (and the component layout) for status and cancel."""
+    named = ([(name, role) for name, role, *_ in job_components(cfg)] if cfg is not None
+             else list(COMPONENTS))
     cfg_components = [{"component": i, "name": name, "role": role}
-                      for i, (name, role) in enumerate(COMPONENTS)]
+                      for i, (name, role) in enumerate(named)]
     record = {"job_id": str(job_id), "submitted_at": time.time(), "how": how,
               "components": cfg_components, "submitit_folder": submitit_folder(run_dir)}
     atomic_write_text(os.path.join(run_dir, "slurm.json"), json.dumps(record, indent=2) + "\n")
@@ -260,7 +263,7 @@ def _submit_claimed(cfg: Config, run_dir: str, python: str) -> str:
     except (RuntimeError, FileNotFoundError) as err:  # no srun/sbatch: not a Slurm login node
         raise UserError(f"cannot submit from this machine: {err} (--dry-run prints the "
                         f"script without Slurm)") from None
-    write_job_record(run_dir, job.job_id, "hpcalign submit")
+    write_job_record(run_dir, job.job_id, "hpcalign submit", cfg)
     return str(job.job_id)
 
 

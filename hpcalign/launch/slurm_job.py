@@ -76,26 +76,35 @@ def _expand_hosts(nodelist: str) -> tuple[str, ...]:
 
 
 def job_layout(trainer_ranks: int, generator_ranks: int,
-               env: dict[str, str] | None = None) -> list[ComponentLayout]:
-    """The components of the running job, from Slurm's environment (het or colocated)."""
+               env: dict[str, str] | None = None,
+               models: tuple[tuple[str, int], ...] = ()) -> list[ComponentLayout]:
+    """The components of the running job, from Slurm's environment (het or colocated).
+
+    `models`: (name, ranks) of the models on ranks of their own, one component each after
+    the generators' (`sbatch_text.job_components`)."""
     env = dict(os.environ if env is None else env)
     if env.get("SLURM_HET_SIZE"):
-        return [
-            ComponentLayout(0, "train", "trainer", 0, trainer_ranks,
-                            _expand_hosts(env.get("SLURM_JOB_NODELIST_HET_GROUP_0", ""))),
-            ComponentLayout(1, "gen", "generator", trainer_ranks, generator_ranks,
-                            _expand_hosts(env.get("SLURM_JOB_NODELIST_HET_GROUP_1", ""))),
-        ]
+        parts = [("train", "trainer", trainer_ranks), ("gen", "generator", generator_ranks),
+                 *((name, name, ranks) for name, ranks in models)]
+        layout, first = [], 0
+        for index, (name, role, ranks) in enumerate(parts):
+            hosts = _expand_hosts(env.get(f"SLURM_JOB_NODELIST_HET_GROUP_{index}", ""))
+            layout.append(ComponentLayout(index, name, role, first, ranks, hosts))
+            first += ranks
+        return layout
     return [ComponentLayout(0, "colocated", "trainer+generator", 0,
                             trainer_ranks + generator_ranks,
                             _expand_hosts(env.get("SLURM_JOB_NODELIST", "")))]
 
 
 def describe_rank(rank: int, trainer_ranks: int, layout: list[ComponentLayout]) -> str:
-    """'generator 0 (world rank 2) in het component 1 (gen)'."""
+    """'generator 0 (world rank 2) in het component 1 (gen)'; 'reward 0 (world rank 3) in
+    het component 2 (reward)' for a model on ranks of its own."""
     role = "trainer" if rank < trainer_ranks else "generator"
     index = rank if rank < trainer_ranks else rank - trainer_ranks
     comp = next((c for c in layout if c.first_rank <= rank < c.first_rank + c.ntasks), None)
+    if comp is not None and comp.role not in ("trainer", "generator", "trainer+generator"):
+        role, index = comp.role, rank - comp.first_rank
     where = ("" if comp is None else f" in het component {comp.index} ({comp.name})"
              if len(layout) > 1 else f" in component {comp.name}")
     return f"{role} {index} (world rank {rank}){where}"
@@ -205,7 +214,10 @@ def after_step(run_dir: str, rc: int) -> int:
                 srun_log = handle.read()
         except OSError:
             pass
-        layout = job_layout(cfg.trainer.ranks, cfg.generator.ranks)
+        from hpcalign.plan.placement import exclusive_models
+
+        layout = job_layout(cfg.trainer.ranks, cfg.generator.ranks, models=tuple(
+            (name, model.ranks) for name, model in exclusive_models(cfg)))
         line, record = explain_failure(run_dir, rc, srun_log, cfg.trainer.ranks, layout)
         if rc == 0:  # every rank exited 0 but no final state: a role bug, still a failure
             line = f"the job step ended without a final state (state.json: {state!r}); {line}"

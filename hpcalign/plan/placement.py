@@ -197,13 +197,13 @@ def model_map(cfg: Config, placement: Placement) -> dict[str, dict[str, Any]]:
     the degrees (tp, pp, dp) and, on Slurm, the het component with its partition and
     nodes. Colocated models share the trainer ranks (`colocated_with: policy`).
     """
-    def where(group: RolePlacement, component: str | None) -> dict[str, Any]:
+    def where(group: RolePlacement, component: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"on": group.role, "world_ranks": group.world_ranks(),
                                  "tp": group.tp, "pp": group.pp, "dp": group.dp}
-        if component is not None:
-            comp = getattr(cfg.slurm, component)
-            entry["slurm"] = {"component": component, "partition": comp.partition,
-                              "nodes": comp.nodes}
+        comp = (getattr(cfg.slurm, component) if component in ("train", "gen")
+                else cfg.slurm.model_component(component, group.ranks))
+        entry["slurm"] = {"component": component, "partition": comp.partition,
+                          "nodes": comp.nodes}
         return entry
 
     trainers = where(placement.trainer, "train")
@@ -226,7 +226,7 @@ def model_map(cfg: Config, placement: Placement) -> dict[str, dict[str, Any]]:
                              else "the policy's starting weights")
         if own is not None:
             entry.update(engines={"training": "torch"}, placement="exclusive",
-                         runs_on=[where(own, None)])
+                         runs_on=[where(own, name)])
         elif name == "reference":  # built like the policy, on the same ranks
             entry.update(engines={"training": cfg.trainer.backend}, placement="colocated",
                          colocated_with="policy", runs_on=[trainers])

@@ -33,16 +33,17 @@ def sacct_rows(job_id: str) -> dict[str, dict[str, str]]:
         time.sleep(0.5)
 
 
-def test_cluster_has_train_and_gen_on_two_nodes() -> None:
+def test_cluster_has_train_and_gen_on_four_nodes() -> None:
     out = sh("sinfo", "-h", "-o", "%P %D %N")
     parts = {line.split()[0].rstrip("*"): line.split() for line in out.splitlines()}
     assert {"train", "gen"} <= set(parts)
-    assert parts["gen"][1] == "2"
+    assert parts["gen"][1] == "4" and parts["train"][1] == "4"
 
 
 def test_status_script_reports_running_daemons() -> None:
     out = sh(str(ROOT / "tools" / "slurm-test-cluster"), "status")
-    for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd-vm1", "slurmd-vm2"):
+    for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd-vm1", "slurmd-vm2",
+                   "slurmd-vm3", "slurmd-vm4"):
         assert daemon in out
 
 

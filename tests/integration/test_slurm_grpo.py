@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from local_runs import (
     QUICKSTART,
@@ -27,6 +28,7 @@ from local_runs import (
     metrics,
     shard_checksums,
 )
+from safetensors.torch import load_file
 from slurm_cluster import SLURM_ONLY, poke_scheduler, sh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -462,6 +464,43 @@ def test_megatron_trainer_runs_as_a_het_job(tmp_path):
     assert [r["step"] for r in metrics(run_dir)] == list(range(6))
     state = json.loads((run_dir / "state.json").read_text())
     assert state["state"] == "done" and state["step"] == 6
+
+
+PPO_FOUR = ["algorithm=ppo", "trainer.steps=8", "checkpoint.every_steps=2",
+            "models.reference.placement=exclusive", "models.reward.placement=exclusive",
+            "models.reward.init=null", "slurm.models.reward.partition=train",
+            # 4 components on the 2 test nodes: each asks for 1 GB, not a whole node's memory
+            "slurm.train.mem_gb=1", "slurm.gen.mem_gb=1", "slurm.models.reward.mem_gb=1"]
+
+
+def test_ppo_four_models_in_four_components_resume_bitwise_after_requeue(tmp_path):
+    """PPO with the reference and the reward model on ranks of their own: two more het
+    components (the reference's on `gen` by default, the reward model's on `train` as the
+    config says), one MPMD step of 4 ranks. A run requeued mid-run (`scontrol requeue`)
+    ends with the uninterrupted run's policy, critic and rollouts, bit for bit."""
+    whole, preempted = tmp_path / "whole", tmp_path / "preempted"
+    reward = [f"models.reward.path={whole / 'base-model'}"]  # built by the first submit
+    assert wait_done(whole, submit(whole, *PPO_FOUR, *reward)) == "COMPLETED"
+    job_id = submit(preempted, *PPO_FOUR, *reward)  # after it: the 4 nodes are one job's
+    wait_for_step(preempted, random.Random(os.getpid()).randint(2, 4))
+    sh("scontrol", "requeue", job_id)
+    wait_restart(job_id, 1)
+    assert wait_done(preempted, job_id) == "COMPLETED"
+
+    rows = sacct_components(job_id)
+    assert [rows[f"{job_id}+{i}"]["partition"] for i in range(4)] == \
+        ["train", "gen", "gen", "train"]
+    models = json.loads((preempted / "plan.json").read_text())["model_map"]
+    assert models["reward"]["runs_on"][0]["world_ranks"] == [3]
+    record = json.loads((preempted / "slurm.json").read_text())
+    assert [c["role"] for c in record["components"]] == \
+        ["trainer", "generator", "reference", "reward"]
+    assert_same_training(preempted, whole, 8)
+    critic = "checkpoints/step-000008/models/value/model/model.safetensors"
+    a, b = (load_file(str(d / critic)) for d in (whole, preempted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {int(r["restart_count"]) for r in metrics(preempted)} == {0, 1}
+    assert any(r["score_mean"] != 0 for r in metrics(whole))
 
 
 # ------------------------------------------------ boundaries and ownership (last: they

@@ -84,6 +84,21 @@ def test_grpo_7b_golden() -> None:
     assert_golden("hetjob-grpo-7b.sbatch", hetjob_sbatch_text(cfg, cfg.run_dir, cfg.slurm.python))
 
 
+def test_four_model_ppo_golden() -> None:
+    """PPO with the reference and the reward model on ranks of their own: two further
+    components (the reward model's on a partition of its choosing) and two more parts of
+    the one MPMD step, after the generators, in world order."""
+    cfg = load_config(str(REPO / "configs" / "ppo-tiny.yaml"), [
+        "run_dir=/runs/ppo", "model.path=/models/sft", "models.reward.path=/models/rm",
+        "models.reference.placement=exclusive", "models.reward.placement=exclusive",
+        "slurm.models.reward.partition=gen", "slurm.models.reward.time_min=30",
+        "slurm.models.reward.setup=[module load rm-stack]"])
+    text = hetjob_sbatch_text(cfg, cfg.run_dir, PYTHON)
+    assert_golden("hetjob-ppo-four-models.sbatch", text)
+    assert text.count("#SBATCH hetjob") == 3
+    assert "HPCALIGN_MODEL_ROLES=(reference reward)" in text
+
+
 def test_weird_values_golden() -> None:
     cfg = weird_config(WEIRD_RUN_DIR)
     assert_golden("hetjob-weird.sbatch", hetjob_sbatch_text(cfg, WEIRD_RUN_DIR, PYTHON))
@@ -169,14 +184,27 @@ def test_weird_values_reach_srun_intact_and_run_nothing(weird_tmp_path: Path,
     ({"slurm__job_name": "a\nb"}, "slurm.job_name"),
     ({"trainer__ranks": 2}, "trainer.ranks=2"),
     ({"run_dir": "/runs/100%"}, "'%' is not allowed"),
-    ({"models__reference": {"placement": "exclusive"}},
-     "models.reference.placement=exclusive: hpcalign submit places trainers and generators"),
+    ({"slurm__models": {"reference": {"partition": "gen"}}},
+     "slurm.models.reference: no model 'reference' is placed on ranks of its own"),
+    ({"models__reference": {"placement": "exclusive", "ranks": 1},
+      "slurm__models": {"reference": {"tasks_per_node": 2}}},
+     "slurm.models.reference.nodes=1 x slurm.models.reference.tasks_per_node=2 = 2 tasks, "
+     "but models.reference.ranks=1"),
 ])
 def test_refuses_unsafe_or_inconsistent_values(change: dict, field: str) -> None:
     cfg = quickstart(**change)
     with pytest.raises(ConfigError, match=None) as err:
         check_slurm_config(cfg, cfg.run_dir, PYTHON)
     assert field in str(err.value)
+
+
+def test_hand_written_scripts_refuse_a_model_on_ranks_of_its_own() -> None:
+    """sbatch/*.sbatch have two components: `prepare` (check_tasks=False) names the model."""
+    cfg = quickstart(models__reference={"placement": "exclusive", "ranks": 1})
+    check_slurm_config(cfg, cfg.run_dir, PYTHON)  # hpcalign submit writes its component
+    with pytest.raises(ConfigError, match="models.reference.placement=exclusive needs a het "
+                                          "component of its own: submit with hpcalign submit"):
+        check_slurm_config(cfg, cfg.run_dir, PYTHON, check_tasks=False)
 
 
 def test_newline_in_run_dir_is_refused() -> None:
@@ -261,14 +289,22 @@ def every_field_config(run_dir: str, python: str) -> Config:
                          "#SBATCH --qos=from-setup"],
     }
     for comp in ("train", "gen"):
-        for field in HEADER_FIELDS:
-            changes[f"slurm__{comp}__{field}"] = hostile(f"{comp}.{field}")
-        changes[f"slurm__{comp}__sbatch_args"] = {"comment": hostile(f"{comp}.comment")}
-        changes[f"slurm__{comp}__srun_args"] = [hostile(f"{comp}.srun_args"), "--export=ALL"]
-        changes[f"slurm__{comp}__setup"] = [
-            f'printf %s {shlex.quote(hostile(f"{comp}.setup"))} > "$STUB_OUT/{comp}-setup"',
-            "#SBATCH --partition=from-setup"]
+        changes[f"slurm__{comp}"] = hostile_component(comp)
+    # a model on ranks of its own: a third component, `slurm.models.reference`
+    changes["models__reference"] = {"placement": "exclusive", "ranks": 1}
+    changes["slurm__models"] = {"reference": hostile_component("reference")}
     return quickstart(**changes)
+
+
+def hostile_component(comp: str) -> dict[str, object]:
+    """Every text field of one component, each a hostile value naming it."""
+    fields: dict[str, object] = {field: hostile(f"{comp}.{field}") for field in HEADER_FIELDS}
+    fields["sbatch_args"] = {"comment": hostile(f"{comp}.comment")}
+    fields["srun_args"] = [hostile(f"{comp}.srun_args"), "--export=ALL"]
+    fields["setup"] = [
+        f'printf %s {shlex.quote(hostile(f"{comp}.setup"))} > "$STUB_OUT/{comp}-setup"',
+        "#SBATCH --partition=from-setup"]
+    return fields
 
 
 def test_every_text_field_has_a_hostile_case() -> None:
@@ -277,7 +313,8 @@ def test_every_text_field_has_a_hostile_case() -> None:
 
     covered = set(HEADER_FIELDS) | {"sbatch_args", "srun_args", "setup"}
     for model, done in ((Component, covered), (SlurmConfig, {"job_name", "setup", "env",
-                                                             "python", "train", "gen"})):
+                                                             "python", "train", "gen",
+                                                             "models"})):
         for name, field in model.model_fields.items():
             if field.annotation not in (int, float, bool):
                 assert name in done, f"{model.__name__}.{name} has no hostile-value case"
@@ -304,8 +341,8 @@ def test_every_field_header_is_one_word_per_line_with_its_value() -> None:
                 continue
             key, _, value = words[0].partition("=")
             components[-1].setdefault(key, []).append(value)
-    assert len(components) == 2  # the setup lines' `#SBATCH` rows moved nothing
-    for index, comp in enumerate(("train", "gen")):
+    assert len(components) == 3  # the setup lines' `#SBATCH` rows moved nothing
+    for index, comp in enumerate(("train", "gen", "reference")):
         for field in (*HEADER_FIELDS, "comment"):
             assert components[index][f"--{field}"] == [hostile(f"{comp}.{field}")], field
     assert components[0]["--job-name"] == [hostile("job_name")]
@@ -331,18 +368,21 @@ def test_every_field_reaches_bash_intact(weird_tmp_path: Path, tmp_path: Path) -
     logs = f"{run_dir}/logs"
 
     def component(comp: str, role: str) -> list[str]:
-        setup = "\n".join(getattr(cfg.slurm, comp).setup) + '\nexec "$@"'
+        resources = cfg.slurm.models[comp] if comp == role else getattr(cfg.slurm, comp)
+        setup = "\n".join(resources.setup) + '\nexec "$@"'
         return [f"--output={logs}/slurm-7.0-{role}-%t.out", hostile(f"{comp}.srun_args"),
                 "--export=ALL", "bash", "-c", setup, f"{role}-setup", str(python), "-u", "-m",
                 "hpcalign.roles.main", "--role", role, run_dir]
 
     trainer, generator = component("train", "trainer"), component("gen", "generator")
-    assert argv == ["--mpi=pmix", "--kill-on-bad-exit=1", *trainer, ":", *generator]
+    reference = component("reference", "reference")
+    assert argv == ["--mpi=pmix", "--kill-on-bad-exit=1", *trainer, ":", *generator,
+                    ":", *reference]
     assert (tmp_path / "env").read_text() == hostile("env")
     assert (tmp_path / "setup").read_text() == hostile("setup")  # slurm.setup, in the batch shell
     assert (tmp_path / "python-after-step").read_text().split("\0")[:-1] == [
         "-m", "hpcalign.launch.slurm_job", "after-step", "--rc", "0", run_dir]
-    for comp, rank in (("train", trainer), ("gen", generator)):  # what srun would start
+    for comp, rank in (("train", trainer), ("gen", generator), ("reference", reference)):
         done = subprocess.run(rank[3:], env=env, cwd=tmp_path, capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, done.stderr

@@ -46,6 +46,13 @@ def test_layout_and_names_from_slurm_environment() -> None:
     assert describe_rank(4, 2, layout) == "generator 2 (world rank 4) in het component 1 (gen)"
     colocated = job_layout(1, 1, {"SLURM_JOB_NODELIST": "vm1"})
     assert describe_rank(1, 1, colocated) == "generator 0 (world rank 1) in component colocated"
+    four = job_layout(1, 1, {"SLURM_HET_SIZE": "4", **{
+        f"SLURM_JOB_NODELIST_HET_GROUP_{i}": f"vm{i + 1}" for i in range(4)}},
+        models=(("reference", 1), ("reward", 2)))
+    assert [(c.name, c.first_rank, c.hosts) for c in four] == [
+        ("train", 0, ("vm1",)), ("gen", 1, ("vm2",)), ("reference", 2, ("vm3",)),
+        ("reward", 3, ("vm4",))]
+    assert describe_rank(4, 1, four) == "reward 1 (world rank 4) in het component 3 (reward)"
 
 
 def test_killed_rank_is_named_from_srun_report(tmp_path: Path) -> None:
