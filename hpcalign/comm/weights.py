@@ -154,7 +154,8 @@ def allreduce_gradients(params: list[torch.Tensor], group: dist.ProcessGroup | N
         grad.copy_(value)
 
 
-def allreduce_metrics(totals: dict[str, float], group: dist.ProcessGroup | None) -> dict[str, float]:
+def allreduce_metrics(totals: dict[str, float],
+                      group: dist.ProcessGroup | None) -> dict[str, float]:
     """Sum a step's loss metrics over data-parallel trainers (one all-reduce, float64).
 
     Every replica must hold the same keys (the same loss function ran on each)."""

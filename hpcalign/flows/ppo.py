@@ -11,10 +11,10 @@ Placement: colocated — the reward model and the critic live on the trainer ran
 the policy and run in turn (or the reward model and the reference on ranks of their own:
 `placement: exclusive`). Data parallel (`trainer.ranks > 1`): every trainer rank holds the
 policy, the critic and the colocated models, scores and updates its share of the batch,
-and the engines sum gradients over the ranks (roles/ppo.py `Replicas`). The critic's state goes into the policy's checkpoint
-(`models/value/` in the same directory, one atomic rename), and so does the KL
-coefficient (`ppo.kl_ctrl.type: adaptive` moves it after every batch), so resume is
-bitwise.
+and the engines sum gradients over the ranks (roles/ppo.py `Replicas`). The critic's
+state goes into the policy's checkpoint (`models/value/` in the same directory, one
+atomic rename), and so does the KL coefficient (`ppo.kl_ctrl.type: adaptive` moves it
+after every batch), so resume is bitwise.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -189,6 +190,7 @@ def _run_claimed(cfg: Config, claim: Claim) -> int:
     # cluster whose node names are not host names it waits until the time limit).
     env.setdefault("PRTE_MCA_ras", "^slurm")
     env.setdefault("PRTE_MCA_plm", "^slurm")
+    session_base = fresh_session_base(env)
     # NOTE: OMP_WAIT_POLICY stays at OpenMP's default. PASSIVE helps only when more threads
     # than cores spin at once (an oversubscribed machine), and costs 45% in sampling on an
     # idle one (every small op wakes sleeping threads): measured 0.23 -> 0.33 s per batch.
@@ -225,6 +227,7 @@ def _run_claimed(cfg: Config, claim: Claim) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(session_base, ignore_errors=True)
     pump.join(timeout=5)
     state = read_json(os.path.join(run_dir, "state.json")) or {}
     if returncode == 0 and state.get("state") in ("done", "preempted"):
@@ -235,6 +238,33 @@ def _run_claimed(cfg: Config, claim: Claim) -> int:
     record_launcher_failure(run_dir, reason)
     print(f"hpcalign: run failed: {reason}", file=sys.stderr)
     return returncode or 1
+
+
+def fresh_session_base(env: dict[str, str]) -> str:
+    """Give one mpiexec a session directory base of its own (set in `env`); returns it.
+
+    Open MPI 5's mpiexec keeps its session directory, with the PMIx server's rendezvous
+    files, at `<base>/ompi.<its pid>`, and a killed mpiexec leaves it behind. Under the
+    default base (/tmp), a later mpiexec that is given the same pid (pids wrap at
+    pid_max) finds those files and fails at start: "The PMIx server's listener thread
+    failed to start" (seen in CI). A fresh base per launch cannot hold a stale one; the
+    caller removes it when the job has ended.
+    """
+    base = tempfile.mkdtemp(prefix="hpcalign-mpi-")
+    env["PRTE_MCA_prte_tmpdir_base"] = base
+    return base
+
+
+def run_mpiexec(argv: list[str], env: dict[str, str] | None = None,
+                **kwargs: object) -> subprocess.CompletedProcess:
+    """`subprocess.run` of an mpiexec command line (tests, benches) with a session
+    directory base of its own (`fresh_session_base`), removed when it has ended."""
+    env = dict(os.environ if env is None else env)
+    base = fresh_session_base(env)
+    try:
+        return subprocess.run(argv, env=env, **kwargs)  # type: ignore[call-overload]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def record_launcher_failure(run_dir: str, reason: str) -> None:

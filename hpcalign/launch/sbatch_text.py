@@ -255,8 +255,9 @@ def job_body(cfg: Config, run_dir: str, python: str) -> str:
     if roles:  # models on ranks of their own: one more part of the step each
         lines.append(_array("HPCALIGN_MODEL_ROLES", roles))
         for name, _role, comp, _ranks in job_components(cfg)[2:]:
+            setup = shlex.quote(chr(10).join(comp.setup))
             lines += [_array(f"HPCALIGN_MODEL_{name.upper()}_SRUN_ARGS", comp.srun_args),
-                      f"HPCALIGN_MODEL_{name.upper()}_SETUP={shlex.quote(chr(10).join(comp.setup))}"]
+                      f"HPCALIGN_MODEL_{name.upper()}_SETUP={setup}"]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(cfg.slurm.env.items())]
     return "\n".join(lines) + "\n" + JOB_STEP
 

@@ -8,12 +8,13 @@ GPU; TP=2 needs two GPUs (NCCL refuses two ranks on one GPU).
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from hpcalign.launch.local import run_mpiexec
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
@@ -28,7 +29,7 @@ def _run(n: int, model: str, out: str, tp: int) -> tuple[dict, dict]:
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     argv = [exe, "--oversubscribe", "--bind-to", "none", *root, "-n", str(n), sys.executable,
             os.path.join(SCRIPTS, "megatron_parity.py"), model, out, str(tp), "1", "nccl"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    result = run_mpiexec(argv, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     with open(os.path.join(out, "metrics.json")) as handle:
         return load_file(os.path.join(out, "result.safetensors")), json.load(handle)

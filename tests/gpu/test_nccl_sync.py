@@ -4,11 +4,12 @@ Skipped without a GPU; run through the device tool when a session is lent one.
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from hpcalign.launch.local import run_mpiexec
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
@@ -23,6 +24,6 @@ def test_weight_sync_over_nccl_is_bitwise(tmp_path):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     argv = [exe, "--oversubscribe", "--bind-to", "none", *root, "-n", "2",
             sys.executable, os.path.join(SCRIPTS, "weight_sync.py"), str(tmp_path), "nccl"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    result = run_mpiexec(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "weight_sync ranks ok: [True, True]" in result.stdout

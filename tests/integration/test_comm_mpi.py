@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from hpcalign.launch.local import run_mpiexec
+
 SCRIPTS = os.path.join(os.path.dirname(__file__), "mpi_scripts")
 
 
@@ -15,7 +17,7 @@ def mpiexec(n: int, script: str, *args: str, timeout: float = 120) -> subprocess
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
     argv += ["-n", str(n), sys.executable, os.path.join(SCRIPTS, script), *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    return run_mpiexec(argv, capture_output=True, text=True, timeout=timeout)
 
 
 def test_weight_sync_in_buckets_is_bitwise_and_gradients_sum(tmp_path):
@@ -42,7 +44,7 @@ def test_mpmd_world_spans_two_programs(n, tmp_path):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     argv = [exe, "--oversubscribe", *root, "-n", "1", sys.executable, str(script), "trainer",
             ":", "-n", str(n), sys.executable, str(script), "generator"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    out = run_mpiexec(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = sorted(out.stdout.split("\n")[:-1])
     assert lines == ["generator 1 3", "generator 2 3", "trainer 0 3"]

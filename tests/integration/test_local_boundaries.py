@@ -72,14 +72,14 @@ def test_finished_run_again_says_done_and_starts_no_step(reference):
 def test_roles_started_on_a_finished_run_stop_cleanly(reference, tmp_path):
     """Past the launcher (a Slurm step, a hand-made mpiexec): the trainer's first control
     message to the generators is "stop", which they obey (it was a KeyError)."""
-    from hpcalign.launch.local import _find_mpiexec, mpiexec_command
+    from hpcalign.launch.local import _find_mpiexec, mpiexec_command, run_mpiexec
     from hpcalign.launch.rundir import read_run_config
 
     cfg = read_run_config(str(reference))
     argv = mpiexec_command(cfg, str(reference), sys.executable, _find_mpiexec("mpiexec"),
                            as_root=os.geteuid() == 0)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, PRTE_MCA_ras="^slurm", PRTE_MCA_plm="^slurm"))
+    proc = run_mpiexec(argv, dict(os.environ, PRTE_MCA_ras="^slurm", PRTE_MCA_plm="^slurm"),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not os.listdir(os.path.join(reference, "errors"))
     assert '"state": "done"' in open(os.path.join(reference, "state.json")).read()

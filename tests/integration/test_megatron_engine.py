@@ -20,6 +20,8 @@ from megatron_case import SPEC, TEMPERATURE, batches, fixed_ids, loss_fn_for, re
 from safetensors.torch import load_file
 from standins import llama_standin, qwen_standin
 
+from hpcalign.launch.local import run_mpiexec
+
 pytest.importorskip("megatron.core")
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "mpi_scripts")
@@ -33,7 +35,7 @@ def mpiexec(n: int, script: str, *args: str, timeout: float = 300) -> None:
         argv.append("--allow-run-as-root")
     argv += ["-n", str(n), sys.executable, os.path.join(SCRIPTS, script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    result = run_mpiexec(argv, env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 

@@ -27,6 +27,8 @@ import sys
 
 import pytest
 
+from hpcalign.launch.local import run_mpiexec
+
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (.venv-vllm: make install-vllm)")
 
@@ -130,7 +132,7 @@ def run_world(model_dir: str, run_dir: str, ranks: int = 3, device_kind: str = "
         argv.append("--allow-run-as-root")
     argv += ["-n", str(ranks), sys.executable, os.path.abspath(__file__), model_dir, run_dir,
              device_kind]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=400)
+    result = run_mpiexec(argv, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("REPORTS "))
     return json.loads(line.removeprefix("REPORTS "))

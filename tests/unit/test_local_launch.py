@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 
 from hpcalign.config.load import load_config
 from hpcalign.launch.local import explain_failure, mpiexec_command
@@ -63,3 +64,24 @@ def test_the_launchers_import_no_model_code():
                             check=True, timeout=120).stdout
     for forbidden in ("'torch'", "'transformers'", "'hpcalign.models'", "'hpcalign.engines'"):
         assert forbidden not in loaded, forbidden
+
+
+def test_each_mpiexec_gets_a_fresh_private_session_base():
+    """A killed mpiexec leaves <base>/ompi.<pid> behind; a later one with the same pid under
+    the same base fails at start (seen in CI). Every launch gets a base of its own."""
+    import stat
+
+    from hpcalign.launch.local import fresh_session_base, run_mpiexec
+
+    env: dict[str, str] = {}
+    first, second = fresh_session_base(env), fresh_session_base(env)
+    try:
+        assert first != second and env["PRTE_MCA_prte_tmpdir_base"] == second
+        assert stat.S_IMODE(os.stat(first).st_mode) == 0o700 and not os.listdir(first)
+    finally:
+        os.rmdir(first)
+        os.rmdir(second)
+    seen = run_mpiexec(["sh", "-c", 'echo "$PRTE_MCA_prte_tmpdir_base"'],
+                       capture_output=True, text=True, timeout=30).stdout.strip()
+    assert seen.startswith(os.path.join(tempfile.gettempdir(), "hpcalign-mpi-"))
+    assert not os.path.exists(seen)  # removed once the command ended

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import time
 import torch
 
 from hpcalign.config.schema import ModelInit
+from hpcalign.launch.local import run_mpiexec
 
 SIZES = {
     "small": ModelInit(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024,
@@ -120,7 +120,7 @@ def run_layout(model_dir: str, workdir: str, tp: int, pp: int, repeat: int,
     argv += ["-n", str(tp * pp + 1), sys.executable, os.path.abspath(__file__), "--worker",
              model_dir, run_dir, str(tp), str(pp), str(repeat), str(bucket_mb)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
+    out = run_mpiexec(argv, env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise SystemExit(out.stdout[-3000:] + out.stderr[-6000:])
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
