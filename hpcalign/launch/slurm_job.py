@@ -131,7 +131,20 @@ def explain_failure(run_dir: str, rc: int, srun_log: str, trainer_ranks: int,
             if record and isinstance(record.get("rank"), int):
                 records.append(record)
     primary = [r for r in records if not r.get("secondary")]
-    match = _SRUN_TASK_ERROR.search(srun_log)
+
+    def world_rank(found: re.Match) -> tuple[int, ComponentLayout]:
+        # srun numbers tasks within their component; the host tells the component (each
+        # component of a het job has nodes of its own)
+        comps = [c for c in layout if found["host"] in c.hosts] or layout[:1]
+        return comps[0].first_rank + _first_task(found["tasks"]), comps[0]
+
+    # NOTE: srun prints the task lines of different components in no fixed order: the
+    # peer that exited after the death may come first. The rank that died by a signal is
+    # the one that wrote no record (it could not), so its line wins.
+    recorded = {r["rank"] for r in records}
+    matches = list(_SRUN_TASK_ERROR.finditer(srun_log))
+    match = next((m for m in matches if world_rank(m)[0] not in recorded),
+                 matches[0] if matches else None)
     # a rank that merely saw its peer die ("connection reset") is no root cause when srun
     # names a task that died
     if primary or (records and not match):
@@ -139,14 +152,13 @@ def explain_failure(run_dir: str, rc: int, srun_log: str, trainer_ranks: int,
         who = describe_rank(first["rank"], trainer_ranks, layout)
         return f"{who} on {first.get('host')} failed: {first.get('error')}", None
     if match:
-        host, task, what = match["host"], _first_task(match["tasks"]), match["what"].strip()
-        comps = [c for c in layout if host in c.hosts] or layout[:1]
-        rank = comps[0].first_rank + task
+        host, what = match["host"], match["what"].strip()
+        rank, comp = world_rank(match)
         who = describe_rank(rank, trainer_ranks, layout)
         line = (f"{who} on {host} died: {what} (no error report from the rank: killed by a "
                 f"signal, e.g. the OOM killer or kill -9)")
         record = {"rank": rank, "role": who, "host": host, "error": f"died: {what}",
-                  "component": comps[0].index, "time": time.time(),
+                  "component": comp.index, "time": time.time(),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         return line, record
     line = f"the job step exited with status {rc} without naming a rank; see {run_dir}/logs"

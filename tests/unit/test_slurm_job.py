@@ -85,6 +85,29 @@ def test_a_peer_seen_dying_is_no_root_cause_when_srun_names_the_killed_task(tmp_
     assert line.startswith("trainer 0 (world rank 0)")
 
 
+# what the last CI trial's srun printed: the trainer's exit line before the killed
+# generator's (srun orders the lines of different components as they come)
+EXITED_FIRST = """\
+srun: error: vm1: task 0: Exited with exit code 14
+srun: Job step aborted: Waiting up to 7 seconds for job step to finish.
+srun: error: vm2: task 0: Killed
+"""
+
+
+def test_the_rank_without_a_record_is_named_whatever_srun_printed_first(tmp_path: Path) -> None:
+    """The trainer (exit 14 after "connection reset", a secondary record) comes first in
+    srun's log; the generator, killed by a signal, wrote nothing: it is the one named."""
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "rank-0.json").write_text(json.dumps(
+        {"rank": 0, "role": "trainer 0 (world rank 0)", "host": "vm1", "secondary": True,
+         "error": "RuntimeError: ... Connection reset by peer", "time": time.time()}))
+    layout = job_layout(1, 1, HET_ENV_GEN_ON_VM2)
+    line, record = explain_failure(str(tmp_path), 137, EXITED_FIRST, 1, layout)
+    assert line.startswith("generator 0 (world rank 1) in het component 1 (gen) on vm2 died: "
+                           "Killed"), line
+    assert record is not None and record["rank"] == 1 and record["component"] == 1
+
+
 def test_unexplained_failure_still_says_where_to_look(tmp_path: Path) -> None:
     line, record = explain_failure(str(tmp_path), 3, "", 1, job_layout(1, 1, HET_ENV_GEN_ON_VM2))
     assert "exited with status 3" in line and str(tmp_path) in line
