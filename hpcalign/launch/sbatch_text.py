@@ -251,10 +251,10 @@ def job_body(cfg: Config, run_dir: str, python: str) -> str:
         f"HPCALIGN_TRAIN_SETUP={shlex.quote(chr(10).join(cfg.slurm.train.setup))}",
         f"HPCALIGN_GEN_SETUP={shlex.quote(chr(10).join(cfg.slurm.gen.setup))}",
     ]
-    roles = [name for name, role, *_ in job_components(cfg)[2:]]
-    if roles:  # models on ranks of their own: one more part of the step each
-        lines.append(_array("HPCALIGN_MODEL_ROLES", roles))
-        for name, _role, comp, _ranks in job_components(cfg)[2:]:
+    models = job_components(cfg)[2:]  # models on ranks of their own: a part of the step each
+    if models:
+        lines.append(_array("HPCALIGN_MODEL_ROLES", [name for name, *_ in models]))
+        for name, _role, comp, _ranks in models:
             setup = shlex.quote(chr(10).join(comp.setup))
             lines += [_array(f"HPCALIGN_MODEL_{name.upper()}_SRUN_ARGS", comp.srun_args),
                       f"HPCALIGN_MODEL_{name.upper()}_SETUP={setup}"]
